@@ -1,0 +1,33 @@
+# One command sets up and runs the main job, one runs the tests (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?=
+PROMPT ?= def fibonacci(n):
+MAX_TOKENS ?= 32
+TINY_MODEL := build/tiny-llama
+
+.PHONY: setup generate test clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel the dev/CI machines carry; pip takes a CUDA build elsewhere.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+$(TINY_MODEL)/config.json: | setup
+	$(BIN)/tokenmill build-tiny-model $(TINY_MODEL) --arch llama
+
+# Without MODEL=..., a tiny random-weight model built locally (gibberish text, real engine).
+generate: setup $(if $(MODEL),,$(TINY_MODEL)/config.json)
+	$(BIN)/tokenmill generate --model $(if $(MODEL),$(MODEL),$(TINY_MODEL)) --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) build

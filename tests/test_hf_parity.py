@@ -1,0 +1,73 @@
+"""Greedy tokens and logprobs equal HF transformers' on the same weights (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.testing.tiny_models import ARCHITECTURES, build_tiny_model
+
+from conftest import PROMPTS
+
+NUM_TOKENS = 32
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], num_tokens: int):
+    """Reference: full forward over the whole sequence at every step (no KV cache at all)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids, logprobs = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+    return ids[len(prompt_ids):], logprobs
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_matches_transformers(arch, tiny_model_dirs):
+    model_dir = tiny_model_dirs[arch]
+    # A small token budget forces chunked prefill of the longer prompts alongside decodes.
+    llm = LLM(str(model_dir), num_kv_blocks=128, max_num_batched_tokens=24, seed=0)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=1)
+    outputs = llm.generate(PROMPTS, params)
+    for out in outputs:
+        ref_ids, ref_logprobs = hf_greedy(model_dir, out.prompt_token_ids, NUM_TOKENS)
+        got = out.outputs[0]
+        assert got.token_ids == ref_ids, f"{arch}: prompt {out.prompt!r}"
+        got_logprobs = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
+        assert max(abs(a - b) for a, b in zip(got_logprobs, ref_logprobs)) < 1e-4
+        assert got.cumulative_logprob == pytest.approx(sum(ref_logprobs), abs=1e-3)
+        assert got.finish_reason == "length"
+
+
+def test_sharded_untied_and_tied_checkpoints(tmp_path):
+    """Sharded safetensors with an index, and a tied-embedding Llama, load and match HF."""
+    sharded = build_tiny_model(tmp_path / "sharded", "llama", seed=3, num_shards=3)
+    tied = build_tiny_model(tmp_path / "tied", "llama", seed=4, tie_word_embeddings=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for model_dir in (sharded, tied):
+        llm = LLM(str(model_dir), num_kv_blocks=64)
+        out = llm.generate("Hello world", params)[0]
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, out.prompt_token_ids, 8)[0]
+
+
+def test_llama3_rope_scaling_changes_frequencies():
+    """The llama3 rule slows long wavelengths by `factor` and keeps short ones, as HF computes."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers import LlamaConfig
+
+    from tokenmill.layers.rotary import rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0, rope_scaling=scaling,
+                         max_position_embeddings=1024)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = rope_inv_freq(64, 500000.0, scaling)
+    torch.testing.assert_close(ours, ref.float())
+    base = rope_inv_freq(64, 500000.0, None)
+    assert torch.equal(ours[0], base[0]) and torch.allclose(ours[-1], base[-1] / 8)

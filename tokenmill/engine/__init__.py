@@ -1,0 +1,1 @@
+"""The engine: requests, KV-cache bookkeeping, the scheduler and the step loop."""

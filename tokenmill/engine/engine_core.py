@@ -1,0 +1,74 @@
+"""The engine core: scheduler + model runner in a step loop. Token ids in, token ids out.
+
+It knows nothing of text: tokenization, detokenization and stop strings belong to the front end
+(`LLMEngine`), which talks to it only through the messages in `engine/messages.py`, so the core
+can run in its own process without change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, engine_config: EngineConfig, model_config: ModelConfig | None = None):
+        self.config = engine_config
+        self.model_config = model_config or ModelConfig.from_pretrained(engine_config.model)
+        self.device = engine_config.resolve_device()
+        self.dtype = engine_config.resolve_dtype(self.model_config, self.device)
+        self.max_model_len = engine_config.resolve_max_model_len(self.model_config)
+        torch.manual_seed(engine_config.seed)
+        self.runner = ModelRunner(self.model_config, engine_config, device=self.device, dtype=self.dtype,
+                                  max_model_len=self.max_model_len)
+        num_blocks = self.runner.determine_num_blocks()
+        block_size = engine_config.block_size
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
+                f"fewer than max_model_len ({self.max_model_len}); give it more memory or lower max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
+        self.kv_capacity_tokens = num_blocks * block_size
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s on %s); "
+                    "max concurrency at max_model_len %d: %.1fx",
+                    num_blocks, block_size, self.kv_capacity_tokens,
+                    num_blocks * self.runner.kv_bytes_per_block / 2**30, self.dtype, self.device,
+                    self.max_model_len, self.kv_capacity_tokens / self.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=engine_config.max_num_seqs,
+                            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+                            max_model_len=self.max_model_len,
+                            enable_chunked_prefill=engine_config.enable_chunked_prefill),
+            KVCacheManager(num_blocks, block_size))
+        self.total_preemptions = 0
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params, eos_token_ids=request.eos_token_ids,
+            arrival_time=request.arrival_time))
+
+    def abort_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        """Schedule, run the model, update the requests. Returns the new tokens of this step."""
+        scheduled = self.scheduler.schedule_step()
+        sampled = self.runner.execute(scheduled)
+        outputs = self.scheduler.update_from_output(scheduled, sampled)
+        self.total_preemptions += scheduled.num_preemptions
+        return EngineCoreOutputs(outputs=outputs, stats=self.scheduler.stats(scheduled.num_preemptions, scheduled))

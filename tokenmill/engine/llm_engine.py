@@ -1,0 +1,114 @@
+"""The in-process engine: front end (validate, tokenize, detokenize) + engine core, stepped by the caller.
+
+`LLM` drives it to completion for offline use; the server (its own issue) puts the core in another
+process and keeps this front end in the API process, with the same messages in between.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.engine_core import EngineCore
+from tokenmill.engine.messages import EngineCoreRequest
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.request import RequestStatus
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        tokenizer_dir = Path(config.tokenizer or config.model)
+        self.tokenizer = Tokenizer(tokenizer_dir)
+        self.core = EngineCore(config, self.model_config)
+        self.max_model_len = self.core.max_model_len
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    # ---- input ----------------------------------------------------------------------------------
+
+    def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """A prompt as text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...} -> (text, ids)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                                  param="prompt")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what the engine cannot serve, before it reaches the core, naming the limit."""
+        num = len(prompt_token_ids)
+        if num == 0:
+            raise InvalidRequestError("the prompt is empty; it needs at least one token", param="prompt")
+        if num > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num} tokens, more than this model's maximum context length "
+                f"(max_model_len={self.max_model_len})", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is out of range for the vocabulary [0, {vocab})",
+                                      param="prompt")
+        if params.stop and not params.detokenize:
+            raise InvalidRequestError("stop strings need detokenize=True", param="stop")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Validate and submit. Raises InvalidRequestError without touching the engine's state."""
+        text, token_ids = self.process_prompt(prompt)
+        self.validate(token_ids, params)
+        self.submit(request_id, text, token_ids, params, arrival_time)
+
+    def submit(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
+               arrival_time: float | None = None) -> None:
+        """Submit an already tokenized and validated request."""
+        if request_id in self.output_processor.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        # n > 1: n independent sequences; seeded ones get seed + i so they differ (as vLLM does).
+        children = [params] if params.n == 1 else [
+            params.clone(n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+        core_ids = self.output_processor.add_request(request_id, text, token_ids, children)
+        eos = tuple(self.model_config.eos_token_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        for core_id, child in zip(core_ids, children):
+            self.core.add_request(EngineCoreRequest(core_id, token_ids, child, eos, arrival))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        self.core.abort_requests(self.output_processor.core_request_ids(request_id))
+        return self.output_processor.abort(request_id)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that changed."""
+        core_outputs = self.core.step()
+        outputs, stopped = self.output_processor.process_outputs(core_outputs.outputs)
+        if stopped:
+            self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs

@@ -1,0 +1,211 @@
+"""Iteration-level scheduler: continuous batching under one token budget per step.
+
+There are no prefill and decode phases: each request has `num_computed_tokens` of its
+`all_token_ids` in the KV cache, and a step gives it up to the rest (a chunk of a long prompt,
+the one new token of a decode, or 1 + k tokens when k draft tokens are to be verified). Running
+requests go first, in arrival order; waiting requests join while budget, sequence slots and KV
+blocks last. When a running request cannot get a block, the most recently arrived running request
+is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it had
+produced, so its output does not change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.messages import EngineCoreOutput, SchedulerStats, TokenLogprobs
+from tokenmill.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `request`, starting at position `start`, to run this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    block_ids: list[int]
+    samples: bool  # the chunk reaches the end of the request's tokens, so it yields the next token
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Requests that left the engine since the last step: the runner drops their per-request state.
+    finished_request_ids: set[str] = field(default_factory=set)
+    num_preemptions: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class SampledToken:
+    """What the model runner produced for one sampling chunk."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV-cache manager."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+        self.config = config
+        self.kv = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+
+    # ---- queue management -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> None:
+        """End requests from outside the step (abort, stop string): free their blocks now."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule_step(self) -> SchedulerOutput:
+        """Choose the tokens to run this step."""
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = set()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.num_preemptions += 1
+                if victim is request:
+                    break
+            else:
+                out.chunks.append(self._chunk(request, num_new))
+                budget -= num_new
+                index += 1
+
+        # Admit waiting requests only in a step without preemption: blocks are short.
+        while self.waiting and budget > 0 and not out.num_preemptions \
+                and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(request, num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+        return out
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(request, start, num_new, self.kv.get_block_table(request.request_id),
+                              samples=start + num_new >= request.num_tokens)
+
+    def update_from_output(self, scheduled: SchedulerOutput,
+                           sampled: list[SampledToken | None]) -> list[EngineCoreOutput]:
+        """Advance each scheduled request by what ran; append sampled tokens and stop requests
+        that hit EOS, a stop token, max_tokens or max_model_len."""
+        outputs = []
+        now = time.monotonic()
+        for chunk, token in zip(scheduled.chunks, sampled):
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # finished from outside while the step ran
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            if token is None:
+                continue
+            request.append_output_token(token.token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._check_stop(request, token.token_id)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[token.token_id],
+                new_logprobs=[token.logprobs] if token.logprobs is not None else None,
+                finish_reason=status.value if status is not None else None,
+                stop_reason=request.stop_reason,
+            ))
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self, num_preemptions: int = 0, scheduled: SchedulerOutput | None = None) -> SchedulerStats:
+        stats = SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                               kv_cache_usage=self.kv.usage, num_preemptions=num_preemptions)
+        if scheduled is not None:
+            for chunk in scheduled.chunks:
+                if chunk.start >= chunk.request.num_prompt_tokens:
+                    stats.num_decode_tokens += chunk.num_tokens
+                else:
+                    stats.num_prefill_tokens += chunk.num_tokens
+        return stats

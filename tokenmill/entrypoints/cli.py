@@ -1,0 +1,95 @@
+"""The `tokenmill` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the number of KV blocks")
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU (default: 1 GiB)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default: 2048)")
+    g.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
+                gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+                cpu_kv_cache_gib=args.cpu_kv_cache_gib, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill import LLM, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop or None)
+    llm = LLM(args.model, seed=args.sample_seed or 0, **engine_kwargs(args))
+    output = llm.generate(args.prompt, params)[0].outputs[0]
+    sys.stdout.write(args.prompt + output.text + "\n" if args.echo else output.text + "\n")
+    return 0
+
+
+def cmd_build_tiny_model(args: argparse.Namespace) -> int:
+    from tokenmill.testing.tiny_models import build_tiny_model
+
+    path = build_tiny_model(args.out, args.arch, seed=args.seed, dtype=args.dtype)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference engine")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt and print it")
+    gen.add_argument("--model", required=True, help="Hugging Face-format model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--seed", dest="sample_seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight HF model directory (for tests)")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--arch", default="llama", help="llama, llama3, mistral, qwen2 or qwen3")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32")
+    tiny.set_defaults(func=cmd_build_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from tokenmill.errors import TokenmillError
+
+    try:
+        return args.func(args)
+    except (TokenmillError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

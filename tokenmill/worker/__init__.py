@@ -1,0 +1,1 @@
+"""The model runner: KV-cache tensors, step inputs, forward and sampling on the device."""

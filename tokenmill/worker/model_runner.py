@@ -1,0 +1,219 @@
+"""Runs one scheduled step on the device: builds the flat batch, runs the model, samples.
+
+Owns the device-side state: the model, the KV-cache tensors and the seeded generators of
+requests in flight. Takes a `SchedulerOutput`, returns one `SampledToken` (or None) per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
+from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.models.loader import load_model
+from tokenmill.sample.sampler import Sampler, SamplingMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, *, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int):
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.block_size = engine_config.block_size
+        self.model = load_model(engine_config.model, model_config, dtype=dtype, device=device,
+                                max_positions=max_model_len, load_format=engine_config.load_format,
+                                seed=engine_config.seed)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache -------------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * element
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit: a fixed size on CPU, else what the memory budget leaves after a profile
+        step at the largest batch (weights + activations + sampler)."""
+        cfg = self.engine_config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, int(cfg.cpu_kv_cache_gib * 2**30) // self.kv_bytes_per_block)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        budget = total * cfg.gpu_memory_utilization - peak - non_torch
+        torch.cuda.empty_cache()
+        if budget < self.kv_bytes_per_block:
+            raise RuntimeError(
+                f"no memory left for the KV cache: {total * cfg.gpu_memory_utilization / 2**30:.1f} GiB allowed "
+                f"(gpu_memory_utilization={cfg.gpu_memory_utilization}), {peak / 2**30:.1f} GiB used by weights "
+                f"and activations; raise gpu_memory_utilization or lower max_num_batched_tokens")
+        return int(budget // self.kv_bytes_per_block)
+
+    @torch.no_grad()
+    def _profile_run(self) -> None:
+        """The largest step the scheduler can produce: one prefill of the full token budget, then a
+        sampler pass over max_num_seqs rows with top-k/top-p (the sort is its peak)."""
+        num_tokens = min(self.engine_config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        saved = self.kv_caches
+        self.allocate_kv_cache(num_blocks)
+        block_table = torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=block_table,
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens_cpu=[num_tokens], query_lens_cpu=[num_tokens], num_decodes=0)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, torch.arange(num_tokens, device=self.device), self.kv_caches, meta)
+        rows = self.engine_config.max_num_seqs
+        logits = self.model.compute_logits(hidden[:1].expand(rows, -1).contiguous())
+        self.sampler(logits, _dummy_sampling_metadata(rows, logits.shape[1], self.device))
+        torch.cuda.synchronize(self.device)
+        self.kv_caches = saved
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        cfg = self.model_config
+        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def execute(self, scheduled: SchedulerOutput) -> list[SampledToken | None]:
+        for request_id in scheduled.finished_request_ids:
+            self.generators.pop(request_id, None)
+        if scheduled.is_empty:
+            return []
+        # Single-token chunks first: attention treats them as one batched decode group.
+        order = sorted(range(len(scheduled.chunks)), key=lambda i: scheduled.chunks[i].num_tokens != 1)
+        chunks = [scheduled.chunks[i] for i in order]
+        input_ids, positions, meta, logits_rows = self._prepare_inputs(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampling_chunks = [c for c in chunks if c.samples]
+        results: list[SampledToken | None] = [None] * len(chunks)
+        if sampling_chunks:
+            logits = self.model.compute_logits(hidden[logits_rows])
+            tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
+            token_list = tokens.tolist()
+            row = 0
+            for index, chunk in enumerate(chunks):
+                if chunk.samples:
+                    results[index] = SampledToken(token_list[row], logprobs[row] if logprobs else None)
+                    row += 1
+        unsorted: list[SampledToken | None] = [None] * len(chunks)
+        for position, original in enumerate(order):
+            unsorted[original] = results[position]
+        return unsorted
+
+    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens, query_lens, query_start = [], [], [0]
+        logits_rows = []
+        block_size = self.block_size
+        for chunk in chunks:
+            end = chunk.start + chunk.num_tokens
+            input_ids.extend(chunk.request.all_token_ids[chunk.start:end])
+            positions.extend(range(chunk.start, end))
+            table = chunk.block_ids
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
+            seq_lens.append(end)
+            query_lens.append(chunk.num_tokens)
+            query_start.append(query_start[-1] + chunk.num_tokens)
+            if chunk.samples:
+                logits_rows.append(query_start[-1] - 1)
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
+            num_decodes=sum(1 for n in query_lens if n == 1))
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta,
+                torch.tensor(logits_rows, dtype=torch.long, device=dev))
+
+    def _sampling_metadata(self, chunks: list[ScheduledChunk], vocab_size: int) -> SamplingMetadata:
+        dev = self.device
+        params = [c.request.sampling_params for c in chunks]
+        generators = {}
+        banned = []
+        for row, chunk in enumerate(chunks):
+            request, sp = chunk.request, params[row]
+            if sp.seed is not None and not sp.greedy:
+                gen = self.generators.get(request.request_id)
+                if gen is None:
+                    gen = self.generators[request.request_id] = torch.Generator(device=dev).manual_seed(sp.seed)
+                generators[row] = gen
+            if request.num_output_tokens < sp.min_tokens:
+                stop_ids = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(request.eos_token_ids))
+                stop_ids = [t for t in stop_ids if t < vocab_size]
+                if stop_ids:
+                    banned.append((row, stop_ids))
+        uses_rep = any(sp.repetition_penalty != 1.0 for sp in params)
+        uses_freq = any(sp.frequency_penalty != 0.0 for sp in params)
+        uses_pres = any(sp.presence_penalty != 0.0 for sp in params)
+
+        def padded(lists: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(len(x) for x in lists))
+            return torch.tensor([x + [vocab_size] * (width - len(x)) for x in lists], dtype=torch.long, device=dev)
+
+        def floats(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev)
+
+        any_penalty = uses_rep or uses_freq or uses_pres
+        num_logprobs = [sp.logprobs for sp in params]
+        requested = [n for n in num_logprobs if n is not None]
+        return SamplingMetadata(
+            temperature=floats([sp.temperature for sp in params]),
+            greedy=torch.tensor([sp.greedy for sp in params], dtype=torch.bool, device=dev),
+            top_k=torch.tensor([sp.top_k if sp.top_k > 0 else vocab_size for sp in params], device=dev),
+            top_p=floats([sp.top_p for sp in params]),
+            min_p=floats([sp.min_p for sp in params]),
+            all_greedy=all(sp.greedy for sp in params),
+            needs_top_k_top_p=any(not sp.greedy and (sp.top_k > 0 or sp.top_p < 1.0) for sp in params),
+            needs_min_p=any(not sp.greedy and sp.min_p > 0 for sp in params),
+            generators=generators,
+            repetition_penalty=floats([sp.repetition_penalty for sp in params]) if uses_rep else None,
+            frequency_penalty=floats([sp.frequency_penalty for sp in params]) if uses_freq else None,
+            presence_penalty=floats([sp.presence_penalty for sp in params]) if uses_pres else None,
+            prompt_token_ids=padded([c.request.prompt_token_ids for c in chunks]) if uses_rep else None,
+            output_token_ids=padded([c.request.output_token_ids for c in chunks]) if any_penalty else None,
+            banned_tokens=banned,
+            max_num_logprobs=max(requested) if requested else None,
+            num_logprobs=num_logprobs,
+        )
+
+
+def _dummy_sampling_metadata(rows: int, vocab_size: int, device: torch.device) -> SamplingMetadata:
+    ones = torch.ones(rows, device=device)
+    return SamplingMetadata(
+        temperature=ones, greedy=torch.zeros(rows, dtype=torch.bool, device=device),
+        top_k=torch.full((rows,), 50, device=device), top_p=ones * 0.9, min_p=ones * 0.1,
+        all_greedy=False, needs_top_k_top_p=True, needs_min_p=True, generators={},
+        repetition_penalty=None, frequency_penalty=None, presence_penalty=None,
+        prompt_token_ids=None, output_token_ids=None, banned_tokens=[],
+        max_num_logprobs=None, num_logprobs=[None] * rows)
