@@ -7,7 +7,9 @@ PROMPT ?= def fibonacci(n):
 MAX_TOKENS ?= 32
 TINY_MODEL := build/tiny-llama
 
-.PHONY: setup generate test clean
+PORT ?= 8000
+
+.PHONY: setup serve generate test clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +25,9 @@ $(TINY_MODEL)/config.json: | setup
 	$(BIN)/tokenmill build-tiny-model $(TINY_MODEL) --arch llama
 
 # Without MODEL=..., a tiny random-weight model built locally (gibberish text, real engine).
+serve: setup
+	$(BIN)/tokenmill serve $(if $(MODEL),--model $(MODEL),) --port $(PORT)
+
 generate: setup $(if $(MODEL),,$(TINY_MODEL)/config.json)
 	$(BIN)/tokenmill generate --model $(if $(MODEL),$(MODEL),$(TINY_MODEL)) --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
 

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.testing.tiny_models import ARCHITECTURES, build_tiny_model, train_tokenizer  # noqa: E402
+from tokenmill.testing.tiny_models import ARCHITECTURES, build_tiny_model  # noqa: E402
+
+from shapes import LLAMA_8B, write_dummy_model_dir  # noqa: E402
 
 PROMPTS = [
     "Hello world",
@@ -32,15 +35,6 @@ PROMPTS = [
     "Ünïcödé — καλημέρα 你好 🎉",
     "Once upon a time there was a little engine that served tokens.",
 ]
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                   "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 8192},
-                architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16")
-
-
 def hf_greedy(model, prompt_ids, steps, device):
     ids, logprobs, margins = list(prompt_ids), [], []
     with torch.no_grad():
@@ -88,10 +82,7 @@ def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
 
 
 def check_8b(root: Path, num_requests: int, max_tokens: int) -> dict:
-    model_dir = root / "llama-8b-shape"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(LLAMA_8B))
-    train_tokenizer(model_dir)  # any tokenizer: prompts are token ids, outputs are not detokenized
+    model_dir = write_dummy_model_dir(root / "llama-8b-shape", LLAMA_8B)
     start = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
               max_num_seqs=num_requests)

@@ -183,6 +183,13 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (--no-prefix-caching)
+    # Opt-in JSONL log of finished requests (token ids, cache hits, timings) for `tokenmill
+    # cache-report`; rotated when it would grow past request_log_max_bytes, keeping
+    # request_log_backup_count older files (path.1 newest ... path.N oldest).
+    request_log_path: str | None = None
+    request_log_max_bytes: int = 256 * 2**20
+    request_log_backup_count: int = 5
     load_format: str = "safetensors"  # "dummy": random weights from config.json (benchmarks of big shapes)
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model directory
@@ -200,6 +207,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.request_log_max_bytes < 1:
+            raise ValueError(f"request_log_max_bytes must be >= 1, got {self.request_log_max_bytes}")
+        if self.request_log_backup_count < 0:
+            raise ValueError(f"request_log_backup_count must be >= 0, got {self.request_log_backup_count}")
 
     def resolve_device(self) -> torch.device:
         if self.device:

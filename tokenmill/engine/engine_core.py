@@ -49,15 +49,16 @@ class EngineCore:
             SchedulerConfig(max_num_seqs=engine_config.max_num_seqs,
                             max_num_batched_tokens=engine_config.max_num_batched_tokens,
                             max_model_len=self.max_model_len,
-                            enable_chunked_prefill=engine_config.enable_chunked_prefill),
-            KVCacheManager(num_blocks, block_size))
+                            enable_chunked_prefill=engine_config.enable_chunked_prefill,
+                            enable_prefix_caching=engine_config.enable_prefix_caching),
+            KVCacheManager(num_blocks, block_size, enable_prefix_caching=engine_config.enable_prefix_caching))
         self.total_preemptions = 0
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling_params=request.sampling_params, eos_token_ids=request.eos_token_ids,
-            arrival_time=request.arrival_time))
+            arrival_time=request.arrival_time, cache_salt=request.cache_salt))
 
     def abort_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)

@@ -17,6 +17,7 @@ from tokenmill.engine.messages import EngineCoreRequest
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import RequestStatus
 from tokenmill.errors import InvalidRequestError
+from tokenmill.ops.request_log import RequestLog
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer import Tokenizer
@@ -36,6 +37,8 @@ class LLMEngine:
         self.max_model_len = self.core.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self.request_log = RequestLog(config.request_log_path, config.request_log_max_bytes,
+                                      config.request_log_backup_count) if config.request_log_path else None
 
     def next_request_id(self) -> str:
         return str(next(self._ids))
@@ -76,15 +79,16 @@ class LLMEngine:
             raise InvalidRequestError("stop strings need detokenize=True", param="stop")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
         """Validate and submit. Raises InvalidRequestError without touching the engine's state."""
         text, token_ids = self.process_prompt(prompt)
         self.validate(token_ids, params)
-        self.submit(request_id, text, token_ids, params, arrival_time)
+        self.submit(request_id, text, token_ids, params, arrival_time, cache_salt)
 
     def submit(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
-               arrival_time: float | None = None) -> None:
-        """Submit an already tokenized and validated request."""
+               arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        """Submit an already tokenized and validated request. Requests with different
+        `cache_salt`s never share prefix-cache blocks."""
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         # n > 1: n independent sequences; seeded ones get seed + i so they differ (as vLLM does).
@@ -94,11 +98,16 @@ class LLMEngine:
         eos = tuple(self.model_config.eos_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         for core_id, child in zip(core_ids, children):
-            self.core.add_request(EngineCoreRequest(core_id, token_ids, child, eos, arrival))
+            self.core.add_request(EngineCoreRequest(core_id, token_ids, child, eos, arrival, cache_salt))
+        if self.request_log is not None:
+            self.request_log.add_request(request_id, token_ids, arrival, cache_salt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.core.abort_requests(self.output_processor.core_request_ids(request_id))
-        return self.output_processor.abort(request_id)
+        output = self.output_processor.abort(request_id)
+        if self.request_log is not None and output is not None:
+            self.request_log.observe([output])
+        return output
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -111,4 +120,6 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process_outputs(core_outputs.outputs)
         if stopped:
             self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.request_log is not None:
+            self.request_log.observe(outputs)
         return outputs

@@ -15,6 +15,8 @@ class EngineCoreRequest:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     arrival_time: float
+    # Requests with different salts never share prefix-cache blocks (vLLM's cache_salt).
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -37,6 +39,9 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # On the first output: when the request was first scheduled (monotonic, same clock in every
+    # process on the host), so the front end can split queue time from prefill time.
+    scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,8 +56,20 @@ class SchedulerStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0  # during this step
+    # Tokens scheduled this step. Prefill: positions the request had when it was (last) admitted,
+    # i.e. its prompt, or prompt + outputs recomputed after a preemption; decode: the rest.
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # Prefix cache: cumulative totals since the engine started (counters; take differences or a
+    # rate for per-interval values). A query is one admission of a waiting request (resumes after
+    # preemption included) and counts all its tokens; a hit counts those found cached. All zero
+    # when prefix caching is off.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Cumulative prefill tokens served from the cache (== prefix_cache_hits) and run through the
+    # model (the sum of every step's num_prefill_tokens); together all prefill tokens.
+    prefill_cached_tokens: int = 0
+    prefill_computed_tokens: int = 0
 
 
 @dataclass

@@ -30,6 +30,7 @@ class SequenceState:
     stop_reason: int | str | None = None
     text: str = ""
     stop_checked_chars: int = 0  # text already searched for stop strings
+    num_cached_tokens: int = 0  # prompt tokens the core found in its prefix cache
 
     def completion(self) -> CompletionOutput:
         return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.token_ids),
@@ -51,7 +52,8 @@ class RequestState:
     def output(self) -> RequestOutput:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids,
-                             outputs=[s.completion() for s in self.sequences], finished=self.finished)
+                             outputs=[s.completion() for s in self.sequences], finished=self.finished,
+                             num_cached_tokens=self.sequences[0].num_cached_tokens)
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
@@ -93,6 +95,7 @@ class OutputProcessor:
             if entry is None:
                 continue  # finished here already (stop string) while the core ran one more step
             state, seq = entry
+            seq.num_cached_tokens = out.num_cached_tokens
             self._apply(seq, out)
             if seq.finish_reason is None and out.finish_reason is None and seq.params.stop \
                     and self._check_stop_strings(seq):

@@ -41,6 +41,16 @@ class Request:
     stop_reason: int | str | None = None
     # Speculative decoding seam: draft tokens proposed for this request, verified in the next step.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Prefix caching: requests with different salts never share KV blocks (tenant isolation).
+    cache_salt: str | None = None
+    # Chained hashes of the full blocks of all_token_ids, filled lazily by the KV-cache manager.
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Prompt tokens found in the prefix cache at the first admission (None until admitted); what
+    # the API reports as usage.prompt_tokens_details.cached_tokens.
+    num_cached_tokens: int | None = None
+    # Tokens the latest admission had to fill (the prompt; prompt + outputs when resumed after a
+    # preemption): positions below it are prefill, at or above it decode.
+    num_prefill_tokens: int = 0
     # Timestamps (monotonic seconds) for metrics.
     scheduled_time: float | None = None
     first_token_time: float | None = None

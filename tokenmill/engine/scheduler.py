@@ -7,6 +7,11 @@ requests go first, in arrival order; waiting requests join while budget, sequenc
 blocks last. When a running request cannot get a block, the most recently arrived running request
 is preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it had
 produced, so its output does not change.
+
+Prefix caching: when a waiting request (new, or preempted and resumed) is admitted, the KV-cache
+manager looks up the longest cached prefix of its full blocks; those tokens count as computed and
+only the rest is scheduled. Every admission counts as one prefix-cache query of all the request's
+tokens (`SchedulerStats.prefix_cache_queries` / `prefix_cache_hits`, cumulative).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -37,6 +43,11 @@ class ScheduledChunk:
     num_tokens: int
     block_ids: list[int]
     samples: bool  # the chunk reaches the end of the request's tokens, so it yields the next token
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens of this chunk below the request's prefill end (the rest are decode tokens)."""
+        return max(0, min(self.start + self.num_tokens, self.request.num_prefill_tokens) - self.start)
 
 
 @dataclass
@@ -73,6 +84,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
+        # Cumulative counters (see SchedulerStats).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.prefill_computed_tokens = 0
 
     # ---- queue management -------------------------------------------------------------------
 
@@ -135,20 +150,32 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.num_preemptions \
                 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = request.num_tokens - request.num_computed_tokens
+            # A waiting request holds no blocks (num_computed_tokens is 0): reuse what is cached.
+            computed_blocks, num_cached = self.kv.get_computed_blocks(request) \
+                if self.config.enable_prefix_caching else ([], 0)
+            num_new = request.num_tokens - num_cached
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(request, num_new):
+            if not self.kv.allocate_slots(request, num_new, computed_blocks):
                 break
             self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            request.num_prefill_tokens = request.num_tokens
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
+            if self.config.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:
                 request.scheduled_time = time.monotonic()
             self.running.append(request)
             out.chunks.append(self._chunk(request, num_new))
             budget -= num_new
+        for chunk in out.chunks:
+            self.prefill_computed_tokens += chunk.num_prefill_tokens
         return out
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
@@ -170,7 +197,8 @@ class Scheduler:
             if token is None:
                 continue
             request.append_output_token(token.token_id)
-            if request.first_token_time is None:
+            first = request.first_token_time is None
+            if first:
                 request.first_token_time = now
             status = self._check_stop(request, token.token_id)
             if status is not None:
@@ -182,6 +210,8 @@ class Scheduler:
                 new_logprobs=[token.logprobs] if token.logprobs is not None else None,
                 finish_reason=status.value if status is not None else None,
                 stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens or 0,
+                scheduled_time=request.scheduled_time if first else None,
             ))
         return outputs
 
@@ -201,11 +231,14 @@ class Scheduler:
 
     def stats(self, num_preemptions: int = 0, scheduled: SchedulerOutput | None = None) -> SchedulerStats:
         stats = SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
-                               kv_cache_usage=self.kv.usage, num_preemptions=num_preemptions)
+                               kv_cache_usage=self.kv.usage, num_preemptions=num_preemptions,
+                               prefix_cache_queries=self.prefix_cache_queries,
+                               prefix_cache_hits=self.prefix_cache_hits,
+                               prefill_cached_tokens=self.prefix_cache_hits,
+                               prefill_computed_tokens=self.prefill_computed_tokens)
         if scheduled is not None:
             for chunk in scheduled.chunks:
-                if chunk.start >= chunk.request.num_prompt_tokens:
-                    stats.num_decode_tokens += chunk.num_tokens
-                else:
-                    stats.num_prefill_tokens += chunk.num_tokens
+                prefill = chunk.num_prefill_tokens
+                stats.num_prefill_tokens += prefill
+                stats.num_decode_tokens += chunk.num_tokens - prefill
         return stats

@@ -21,6 +21,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default: 2048)")
     g.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--request-log", default=None, metavar="PATH",
+                   help="append one JSON line per finished request (token ids, cache hits, timings) to PATH")
+    g.add_argument("--request-log-max-bytes", type=int, default=256 * 2**20, help="rotate the log past this size")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -28,7 +32,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
                 cpu_kv_cache_gib=args.cpu_kv_cache_gib, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format)
+                enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format,
+                enable_prefix_caching=not args.no_prefix_caching, request_log_path=args.request_log,
+                request_log_max_bytes=args.request_log_max_bytes)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -40,6 +46,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     output = llm.generate(args.prompt, params)[0].outputs[0]
     sys.stdout.write(args.prompt + output.text + "\n" if args.echo else output.text + "\n")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.config import EngineConfig
+    from tokenmill.models.default_model import default_model_dir
+    from tokenmill.server.serve import serve
+
+    config = EngineConfig(model=args.model or default_model_dir(), seed=args.seed, **engine_kwargs(args))
+    return serve(config, host=args.host, port=args.port, served_model_name=args.served_model_name,
+                 max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+                 graceful_shutdown_timeout=args.graceful_shutdown_timeout)
 
 
 def cmd_build_tiny_model(args: argparse.Namespace) -> int:
@@ -66,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", default=None, help="HF model directory (default: the built-in tiny model)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    srv.add_argument("--max-queued-requests", type=int, default=1024,
+                     help="requests beyond max_num_seqs that may wait; more get 503 (default: 1024)")
+    srv.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    srv.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
+    srv.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    from tokenmill.ops.cache_report import add_cache_report_parser
+
+    add_cache_report_parser(sub)
 
     tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight HF model directory (for tests)")
     tiny.add_argument("out", help="output directory")

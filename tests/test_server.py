@@ -1,0 +1,316 @@
+"""A real `tokenmill serve` process, driven with the official OpenAI SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tokenmill import SamplingParams
+from server_utils import ServerProcess
+
+MESSAGES = [{"role": "user", "content": "Say something about tokens."}]
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    proc = ServerProcess(llama_dir, "--num-kv-blocks", "256", "--max-num-seqs", "64",
+                         "--max-num-batched-tokens", "256")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def offline(llm, prompt, max_tokens):
+    return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))[0].outputs[0]
+
+
+# ---- happy paths ----------------------------------------------------------------------------------------
+
+def test_completion_matches_offline_and_reports_usage(client, llama_llm):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+    expected = offline(llama_llm, "Once upon a time", 12)
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == "length"
+    prompt_tokens = len(llama_llm.get_tokenizer().encode("Once upon a time"))
+    assert out.usage.prompt_tokens == prompt_tokens and out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == prompt_tokens + 12
+    assert out.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kwargs = dict(model="tiny", prompt="The engine", max_tokens=20, temperature=0)
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_streaming_and_not(client, llama_llm):
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+    assert full.choices[0].message.role == "assistant"
+    expected = llama_llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=16))[0]
+    assert full.choices[0].message.content == expected.outputs[0].text
+    assert full.usage.prompt_tokens == len(expected.prompt_token_ids)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_stop_strings_and_n_and_logprobs(client, llama_llm):
+    text = offline(llama_llm, "The engine", 20).text
+    stop = text[6:9]
+    out = client.completions.create(model="tiny", prompt="The engine", max_tokens=20, temperature=0, stop=[stop])
+    assert out.choices[0].text == text[:text.find(stop)] and out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The engine", max_tokens=20, temperature=0, stop=[stop], stream=True) if c.choices)
+    assert streamed == out.choices[0].text  # held-back text never leaks part of the stop string
+    out = client.completions.create(model="tiny", prompt="The engine", max_tokens=8, temperature=1.0, n=3, seed=4,
+                                    logprobs=2)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2] and out.usage.completion_tokens == 24
+    lp = out.choices[0].logprobs
+    # top_logprobs is keyed by token text (OpenAI format): tokens decoding alike (e.g. partial bytes) merge
+    assert len(lp.tokens) == len(lp.token_logprobs) == 8 and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy = most likely
+
+
+def test_batched_prompts_and_token_ids(client, llama_llm):
+    ids = llama_llm.get_tokenizer().encode("abc def")
+    out = client.completions.create(model="tiny", prompt=["Once upon a time", "The engine"], max_tokens=6,
+                                    temperature=0)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[1].text == offline(llama_llm, "The engine", 6).text
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == offline(llama_llm, "abc def", 6).text
+
+
+def test_64_concurrent_streams_equal_offline_greedy(server, llama_llm):
+    prompts = [f"Request number {i}: the {'quick ' * (i % 7)}brown fox" for i in range(64)]
+    expected = [o.outputs[0].text for o in llama_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))]
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+        async def one(prompt):
+            stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                      stream=True)
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(run()) == expected
+
+
+def test_service_endpoints(server, llama_llm):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]
+    models = httpx.get(server.url + "/v1/models").json()["data"]
+    assert models[0]["id"] == "tiny" and models[0]["max_model_len"] == 1024
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
+    assert tokens["tokens"] == llama_llm.get_tokenizer().encode("hello world") and tokens["count"] == len(tokens["tokens"])
+    chat_tokens = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert httpx.post(server.url + "/detokenize", json={"tokens": chat_tokens}).json()["prompt"] == \
+        "<|im_start|>user\nSay something about tokens.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_metrics_after_load(server, client):
+    before = server.metric("generation_tokens_total")
+    client.completions.create(model="tiny", prompt="count me", max_tokens=7, temperature=0)
+    assert server.metric("generation_tokens_total") == before + 7
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
+                 "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
+                 "request_prefill_time_seconds_count", "request_decode_time_seconds_count",
+                 "prompt_tokens_total", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "num_preemptions_total", 'request_success_total{finished_reason="length"'):
+        assert f"tokenmill:{name}" in text, name
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+def post(server, path, body, raw=False):
+    content = body if raw else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"prompt": "x", "temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"prompt": "x", "top_p": 2}, "top_p", "top_p must be in (0, 1]"),
+    ({"prompt": "x", "max_tokens": -5}, "max_tokens", "max_tokens must be an integer >= 1"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens", "max_tokens: Input should be a valid integer"),
+    ({"prompt": "x", "n": 0}, "n", "n must be an integer >= 1"),
+    ({"max_tokens": 3}, "prompt", "prompt: Field required"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs", "logprobs must be an integer in [0, 20]"),
+])
+def test_invalid_parameters_give_400_naming_the_field(server, body, field, fragment):
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["param"] == field and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json(server):
+    response = post(server, "/v1/completions", '{"prompt": "x", ', raw=True)
+    assert response.status_code == 400 and "malformed JSON" in response.json()["error"]["message"]
+
+
+def test_prompt_over_context_limit_names_both_lengths(server):
+    response = post(server, "/v1/completions", {"prompt": [5] * 1500, "max_tokens": 1})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "maximum context length is 1024 tokens" in message and "1500 tokens" in message
+    response = post(server, "/v1/completions", {"prompt": [5] * 1000, "max_tokens": 100})
+    assert response.status_code == 400 and "1100 tokens (1000 in the prompt, 100 in the completion)" in \
+        response.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(server):
+    response = post(server, "/v1/completions", {"model": "gpt-9", "prompt": "x"})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "The model `gpt-9` does not exist."
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="nope", messages=MESSAGES)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions",
+                         json={"prompt": "long one", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert server.metric("kv_cache_blocks_used") > 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (server.metric("kv_cache_blocks_used") or
+                                           server.metric("num_requests_running")):
+        time.sleep(0.1)
+    assert server.metric("kv_cache_blocks_used") == 0 and server.metric("num_requests_running") == 0
+    assert 'finished_reason="abort"' in httpx.get(server.url + "/metrics").text
+
+
+# ---- a second server: no chat template, tight limits, timeouts, shutdown ---------------------------------
+
+@pytest.fixture(scope="module")
+def no_template_dir(llama_dir, tmp_path_factory):
+    target = tmp_path_factory.mktemp("no-template") / "model"
+    shutil.copytree(llama_dir, target)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    return target
+
+
+def test_overload_timeout_no_template_and_sigterm(no_template_dir):
+    server = ServerProcess(no_template_dir, "--num-kv-blocks", "256", "--max-num-seqs", "2",
+                           "--max-queued-requests", "2", "--request-timeout", "1.5")
+    try:
+        response = post(server, "/v1/chat/completions", {"messages": MESSAGES})
+        assert response.status_code == 400 and "no chat_template" in response.json()["error"]["message"]
+
+        # 4 long requests fill max_num_seqs (2) + max_queued_requests (2); the 5th gets 503.
+        long_body = {"prompt": "busy", "max_tokens": 1000, "ignore_eos": True}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/completions", long_body)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while server.metric("num_requests_running") + server.metric("num_requests_waiting") < 4 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = post(server, "/v1/completions", {"prompt": "one more", "max_tokens": 2})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert "overloaded" in response.json()["error"]["message"]
+        assert httpx.get(server.url + "/health").status_code == 200  # still responsive
+        for t in threads:
+            t.join(60)
+        # The two queued requests wait for 1000 steps of the running two: past the 1.5 s request
+        # timeout they are aborted with 408, not left hanging.
+        assert len(results) == 4 and set(r.status_code for r in results) <= {200, 408}
+        timed_out = [r for r in results if r.status_code == 408]
+        assert len(timed_out) >= 2 and timed_out[0].json()["error"]["message"] == "request timed out"
+        assert post(server, "/v1/completions", {"prompt": "after", "max_tokens": 2}).status_code == 200
+
+        # SIGTERM during a streamed request: the request completes, the server exits 0.
+        streamed = []
+
+        def stream_one():
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                              json={"prompt": "last", "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
+                streamed.extend(line for line in r.iter_lines() if line)
+
+        t = threading.Thread(target=stream_one)
+        t.start()
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert server.proc.wait(60) == 0
+        assert streamed and streamed[-1] == "data: [DONE]"
+        assert json.loads(streamed[-2][6:])["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.stop()
+
+
+def test_engine_death_fails_requests_and_health(llama_dir):
+    server = ServerProcess(llama_dir, "--num-kv-blocks", "256")
+    try:
+        result = {}
+
+        def long_request():
+            result["response"] = post(server, "/v1/completions",
+                                      {"prompt": "doomed", "max_tokens": 1000, "ignore_eos": True})
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(1.0)
+        import os
+        os.kill(server.engine_core_pid(), signal.SIGKILL)
+        t.join(15)
+        assert not t.is_alive(), "in-flight request hung after the engine died"
+        response = result["response"]
+        assert response.status_code == 500 and "engine" in response.json()["error"]["message"]
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "exited" in health.json()["error"]["message"]
+        response = post(server, "/v1/completions", {"prompt": "new", "max_tokens": 2})
+        assert response.status_code == 500
+    finally:
+        server.stop()
+
+
+def test_prefix_cache_usage_and_metrics(server, client):
+    prompt = "A long shared system prompt that every turn of the conversation repeats. " * 4
+    first = client.completions.create(model="tiny", prompt=prompt + "Q1", max_tokens=2, temperature=0)
+    queries, hits = server.metric("prefix_cache_queries_total"), server.metric("prefix_cache_hits_total")
+    second = client.completions.create(model="tiny", prompt=prompt + "Q2", max_tokens=2, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert server.metric("prefix_cache_queries_total") == queries + second.usage.prompt_tokens
+    assert server.metric("prefix_cache_hits_total") == hits + cached
+    salted = post(server, "/v1/completions", {"prompt": prompt + "Q3", "max_tokens": 2, "cache_salt": "tenant-b"})
+    assert salted.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # other tenant, no sharing
+    assert first.usage.prompt_tokens_details.cached_tokens <= first.usage.prompt_tokens

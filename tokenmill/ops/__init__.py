@@ -1,0 +1,1 @@
+"""Operations tooling: the opt-in request log and the `tokenmill cache-report` simulator."""
