@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import threading
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from tokenmill import SamplingParams
-from server_utils import ServerProcess
+from tokenmill.testing.server_process import ServerProcess
 
 MESSAGES = [{"role": "user", "content": "Say something about tokens."}]
 
@@ -287,8 +288,9 @@ def test_engine_death_fails_requests_and_health(llama_dir):
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(1.0)
-        import os
+        deadline = time.monotonic() + 10
+        while server.metric("num_requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         os.kill(server.engine_core_pid(), signal.SIGKILL)
         t.join(15)
         assert not t.is_alive(), "in-flight request hung after the engine died"
@@ -314,3 +316,14 @@ def test_prefix_cache_usage_and_metrics(server, client):
     salted = post(server, "/v1/completions", {"prompt": prompt + "Q3", "max_tokens": 2, "cache_salt": "tenant-b"})
     assert salted.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # other tenant, no sharing
     assert first.usage.prompt_tokens_details.cached_tokens <= first.usage.prompt_tokens
+
+
+def test_return_token_ids(server, llama_llm):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    full = post(server, "/v1/completions", body).json()["choices"][0]
+    expected = offline(llama_llm, "Once upon a time", 6)
+    assert full["token_ids"] == expected.token_ids
+    assert full["prompt_token_ids"] == llama_llm.get_tokenizer().encode("Once upon a time")
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected.token_ids

@@ -150,7 +150,8 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
         streams, params = _submit_all(engine, state, request_id, prompts, body,
                                       lambda p: body.max_tokens, body.logprobs)
         usage_wanted = body.stream_options is not None and body.stream_options.include_usage
-        render = CompletionRenderer(engine, state.model_name, request_id, prompts, body.echo, body.n)
+        render = CompletionRenderer(engine, state.model_name, request_id, prompts, body.echo, body.n,
+                                    body.return_token_ids)
         if body.stream:
             return _sse(render.stream(_merged(engine, streams, state.request_timeout), params, usage_wanted))
         return await _until_disconnect(raw, render.full(_merged(engine, streams, state.request_timeout)))
@@ -167,7 +168,7 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
         streams, params = _submit_all(engine, state, request_id, prompts, body, lambda p: max_tokens,
                                       (body.top_logprobs or 0) if body.logprobs else None)
         usage_wanted = body.stream_options is not None and body.stream_options.include_usage
-        render = ChatRenderer(engine, state.model_name, request_id, prompts, False, body.n)
+        render = ChatRenderer(engine, state.model_name, request_id, prompts, False, body.n, body.return_token_ids)
         if body.stream:
             return _sse(render.stream(_merged(engine, streams, state.request_timeout), params, usage_wanted))
         return await _until_disconnect(raw, render.full(_merged(engine, streams, state.request_timeout)))
@@ -308,9 +309,9 @@ class CompletionRenderer:
     object_chunk = "text_completion"
 
     def __init__(self, engine: AsyncLLM, model_name: str, request_id: str, prompts: list[PreparedPrompt],
-                 echo: bool, n: int):
+                 echo: bool, n: int, return_token_ids: bool = False):
         self.engine, self.model_name, self.request_id = engine, model_name, request_id
-        self.prompts, self.echo, self.n = prompts, echo, n
+        self.prompts, self.echo, self.n, self.return_token_ids = prompts, echo, n, return_token_ids
         self.created = int(time.time())
 
     def choice_index(self, prompt_index: int, seq_index: int) -> int:
@@ -363,8 +364,15 @@ class CompletionRenderer:
             api_error = _engine_error(e)
             return _error_response(api_error.status, api_error.message, api_error.type, api_error.param,
                                    api_error.headers)
-        choices = sorted((self.full_choice(i, c) for i, out in finals.items() for c in out.outputs),
-                         key=lambda ch: ch["index"])
+        choices = []
+        for i, out in finals.items():
+            for c in out.outputs:
+                choice = self.full_choice(i, c)
+                if self.return_token_ids:
+                    choice["token_ids"] = list(c.token_ids)
+                    choice["prompt_token_ids"] = self.prompts[i].token_ids
+                choices.append(choice)
+        choices.sort(key=lambda ch: ch["index"])
         body = self.envelope(choices, chunk=False)
         body["usage"] = self.usage(finals)
         return JSONResponse(body)
@@ -392,8 +400,13 @@ class CompletionRenderer:
                         continue  # nothing a client could use yet (e.g. half a character held back)
                     if index in sent_text and sent_text[index] < 0:
                         continue  # already finished
-                    choices.append(self.delta_choice(index, prefix + text, c, start, end,
-                                                     sent_text.get(index, 0), first, c.finish_reason))
+                    choice = self.delta_choice(index, prefix + text, c, start, end, sent_text.get(index, 0), first,
+                                               c.finish_reason)
+                    if self.return_token_ids:
+                        choice["token_ids"] = list(c.token_ids[start:end])
+                        if first:
+                            choice["prompt_token_ids"] = self.prompts[prompt_index].token_ids
+                    choices.append(choice)
                     sent_text[index] = -1 if done else limit
                     sent_tokens[index] = end
                 if choices:

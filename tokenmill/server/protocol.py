@@ -39,6 +39,9 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
+    # vLLM's extension for agents that resend exact token ids: prompt_token_ids in the response,
+    # token_ids in each choice (and in each streamed chunk).
+    return_token_ids: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         defaults: dict[str, Any]) -> SamplingParams:

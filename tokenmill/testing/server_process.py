@@ -1,4 +1,4 @@
-"""Start a real `tokenmill serve` process for tests and talk to it."""
+"""Start a real `tokenmill serve` process (tests, benchmarks) and talk to it."""
 
 from __future__ import annotations
 
@@ -21,15 +21,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 120.0):
+    """`tokenmill serve --model MODEL_DIR --served-model-name NAME EXTRA...` on a free port, healthy on return."""
+
+    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 120.0, name: str = "tiny",
+                 log_path: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(model_dir).parent / f"server-{self.port}.log"
+        self.log_path = Path(log_path) if log_path else Path(model_dir).parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokenmill", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--served-model-name", "tiny", *extra],
+             "--served-model-name", name, *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
@@ -37,6 +41,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.startup_s = time.monotonic() - self.started
                     return
             except httpx.HTTPError:
                 pass
