@@ -226,7 +226,7 @@ def no_template_dir(llama_dir, tmp_path_factory):
     return target
 
 
-def test_overload_timeout_no_template_and_sigterm(no_template_dir):
+def test_overload_timeout_and_no_template(no_template_dir):
     server = ServerProcess(no_template_dir, "--num-kv-blocks", "256", "--max-num-seqs", "2",
                            "--max-queued-requests", "2", "--request-timeout", "1.5")
     try:
@@ -256,8 +256,13 @@ def test_overload_timeout_no_template_and_sigterm(no_template_dir):
         timed_out = [r for r in results if r.status_code == 408]
         assert len(timed_out) >= 2 and timed_out[0].json()["error"]["message"] == "request timed out"
         assert post(server, "/v1/completions", {"prompt": "after", "max_tokens": 2}).status_code == 200
+    finally:
+        server.stop()
 
-        # SIGTERM during a streamed request: the request completes, the server exits 0.
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(llama_dir):
+    server = ServerProcess(llama_dir, "--num-kv-blocks", "256")
+    try:
         streamed = []
 
         def stream_one():
@@ -267,7 +272,9 @@ def test_overload_timeout_no_template_and_sigterm(no_template_dir):
 
         t = threading.Thread(target=stream_one)
         t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while server.metric("num_requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
         t.join(60)
         assert server.proc.wait(60) == 0
