@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels can only run in Triton's interpreter, which must be chosen before
+# triton is first imported (it decides when kernels are defined). Set it for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tokenmill.testing.tiny_models import ARCHITECTURES, build_tiny_model
 

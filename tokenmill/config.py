@@ -191,6 +191,9 @@ class EngineConfig:
     request_log_max_bytes: int = 256 * 2**20
     request_log_backup_count: int = 5
     load_format: str = "safetensors"  # "dummy": random weights from config.json (benchmarks of big shapes)
+    # Kernels for attention, KV writes, norms, RoPE, SiLU: "auto" = Triton on CUDA, PyTorch elsewhere;
+    # "torch" = the reference path everywhere; "triton" = Triton (on CPU only under TRITON_INTERPRET=1).
+    kernel_backend: str = "auto"
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model directory
 
@@ -205,6 +208,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.request_log_max_bytes < 1:

@@ -396,7 +396,8 @@ class CompletionRenderer:
                     limit = len(c.text) if done else max(sent_text.get(index, 0), len(c.text) - holdback)
                     text = c.text[sent_text.get(index, 0):limit]
                     start, end = sent_tokens.get(index, 0), len(c.token_ids)
-                    if not text and not done and (start == end or c.logprobs is None):
+                    wants_tokens = c.logprobs is not None or self.return_token_ids
+                    if not text and not done and (start == end or not wants_tokens):
                         continue  # nothing a client could use yet (e.g. half a character held back)
                     if index in sent_text and sent_text[index] < 0:
                         continue  # already finished
