@@ -194,6 +194,7 @@ class EngineConfig:
     # Kernels for attention, KV writes, norms, RoPE, SiLU: "auto" = Triton on CUDA, PyTorch elsewhere;
     # "torch" = the reference path everywhere; "triton" = Triton (on CPU only under TRITON_INTERPRET=1).
     kernel_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (they need the Triton kernels on CUDA)
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model directory
 

@@ -38,6 +38,7 @@ class EngineCore:
                 f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
                 f"fewer than max_model_len ({self.max_model_len}); give it more memory or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        self.cuda_graph_capture_seconds = self.runner.capture_cuda_graphs()
         self.num_kv_blocks = num_blocks
         self.kv_capacity_tokens = num_blocks * block_size
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s on %s); "

@@ -22,6 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernels on CUDA, PyTorch elsewhere (default)")
     g.add_argument("--request-log", default=None, metavar="PATH",
                    help="append one JSON line per finished request (token ids, cache hits, timings) to PATH")
     g.add_argument("--request-log-max-bytes", type=int, default=256 * 2**20, help="rotate the log past this size")
@@ -34,6 +37,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format,
                 enable_prefix_caching=not args.no_prefix_caching, request_log_path=args.request_log,
+                enforce_eager=args.enforce_eager, kernel_backend=args.kernel_backend,
                 request_log_max_bytes=args.request_log_max_bytes)
 
 

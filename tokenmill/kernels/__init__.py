@@ -84,7 +84,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
                     *, backend: str = "auto") -> torch.Tensor:
     """`paged_attention_torch`'s contract; Triton kernels where `backend` resolves to them."""
     if use_triton(q, backend):
-        return paged_attention_triton(q, kv_cache, meta, scale)
+        return paged_attention_triton(q, kv_cache, meta, scale, max_decode_seq_len=meta.max_decode_seq_len)
     return paged_attention_torch(q, kv_cache, meta, scale)
 
 

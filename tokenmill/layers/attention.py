@@ -31,6 +31,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
     num_decodes: int
+    # Bound on decode seq lens for sizing the decode kernel's grid; set (to max_model_len) for CUDA
+    # graphs so one captured grid serves every later step. None: this batch's maximum.
+    max_decode_seq_len: int | None = None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -7,15 +7,16 @@ requests in flight. Takes a `SchedulerOutput`, returns one `SampledToken` (or No
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
+from tokenmill.kernels import use_triton
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.loader import load_model
 from tokenmill.sample.sampler import Sampler, SamplingMetadata
+from tokenmill.worker.cuda_graphs import DecodeGraphs, default_capture_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.decode_graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------
 
@@ -90,6 +92,17 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         self.kv_caches = saved
 
+    def capture_cuda_graphs(self) -> float | None:
+        """Capture decode graphs when they can run here (CUDA, Triton kernels, not enforce_eager).
+        Returns the capture time in seconds, None when graphs are not used."""
+        cfg = self.engine_config
+        probe = self.kv_caches[0] if self.kv_caches else None
+        if cfg.enforce_eager or probe is None or not probe.is_cuda or not use_triton(probe, cfg.kernel_backend):
+            return None
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, capture_sizes=default_capture_sizes(
+            cfg.max_num_seqs), max_model_len=self.max_model_len, block_size=self.block_size, device=self.device)
+        return self.decode_graphs.capture()
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -107,7 +120,12 @@ class ModelRunner:
         order = sorted(range(len(scheduled.chunks)), key=lambda i: scheduled.chunks[i].num_tokens != 1)
         chunks = [scheduled.chunks[i] for i in order]
         input_ids, positions, meta, logits_rows = self._prepare_inputs(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.decode_graphs is not None and meta.num_decodes == len(chunks) \
+                and self.decode_graphs.can_run(len(chunks)):
+            hidden = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
+                                            meta.seq_lens)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         sampling_chunks = [c for c in chunks if c.samples]
         results: list[SampledToken | None] = [None] * len(chunks)
         if sampling_chunks:

@@ -1,0 +1,255 @@
+"""Offline engine benchmark on one GPU: latency and throughput next to the roofline and HF transformers.
+
+  latency:    batch 1, greedy, prompt 128 -> 256 new tokens (and prompt 8192 -> 256)
+  throughput: N requests (default 256) x (512 in, 256 out), ignore_eos, all submitted at once
+  roofline:   measured copy bandwidth and bf16 matmul rate; decode bound = bytes (weights + KV read)
+              per step / bandwidth; job bound = prefill FLOPs / matmul rate + decode bytes / bandwidth
+  transformers (same weights): generate with a static cache at batch 1; generate_batch
+              (attn_implementation="paged|sdpa") for throughput, on --hf-requests requests
+
+    python benchmarks/engine_bench.py --shape llama-8b --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import LLAMA_8B, QWEN3_0_6B, TINY, write_dummy_model_dir  # noqa: E402
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+
+SHAPES = {"llama-8b": LLAMA_8B, "qwen3-0.6b": QWEN3_0_6B, "tiny": TINY}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_ceilings(device: str) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul's rate."""
+    if device != "cuda":
+        return {"copy_bytes_per_s": 1e10, "matmul_flops_per_s": 1e11}
+    src = torch.randn(2**29 // 2, dtype=torch.bfloat16, device="cuda")  # 512 MiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    copy = 2 * src.numel() * 2 * reps / (time.perf_counter() - start)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    flops = 2 * 8192**3 * 10 / (time.perf_counter() - start)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": copy, "matmul_flops_per_s": flops}
+
+
+def model_numbers(cfg: dict) -> dict:
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    vocab = cfg["vocab_size"]
+    per_layer = h * (heads * hd) + 2 * h * (kv_heads * hd) + (heads * hd) * h + 3 * h * inter
+    matmul_params = layers * per_layer + vocab * h  # the lm_head is read every step; embeddings are a gather
+    return {"matmul_params": matmul_params, "layers": layers, "kv_bytes_per_token": 2 * layers * kv_heads * hd * 2,
+            "heads": heads, "head_dim": hd}
+
+
+def decode_step_bytes(m: dict, context_tokens: int) -> float:
+    return 2 * m["matmul_params"] + m["kv_bytes_per_token"] * context_tokens
+
+
+def prefill_flops(m: dict, prompt_len: int) -> float:
+    attention = 2 * 2 * m["layers"] * m["heads"] * m["head_dim"] * prompt_len * prompt_len / 2  # causal
+    return 2 * m["matmul_params"] * prompt_len + attention
+
+
+def timed_single(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+    """Batch 1: TTFT (prefill + first token) and decode tok/s over the rest, stepping the engine."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    sync()
+    start = time.perf_counter()
+    engine.add_request("bench", {"prompt_token_ids": prompt}, params)
+    first = None
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if first is None and outputs:
+            first = time.perf_counter()
+    sync()
+    end = time.perf_counter()
+    return {"prompt_len": len(prompt), "new_tokens": new_tokens, "ttft_s": first - start, "total_s": end - start,
+            "decode_tok_s": (new_tokens - 1) / (end - first), "end_to_end_tok_s": new_tokens / (end - start)}
+
+
+def hf_from_engine(llm: LLM, cfg: dict, attn: str):
+    """An HF LlamaForCausalLM holding exactly the engine's weights (fused tensors split back)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ours = llm.llm_engine.core.runner.model
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    hf = hf.to_empty(device="cuda")
+    q = ours.config.num_heads * ours.config.head_dim
+    kv = ours.config.num_kv_heads * ours.config.head_dim
+    state = {}
+    for name, tensor in ours.state_dict().items():
+        if "qkv_proj" in name:
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q, kv, kv])):
+                state[name.replace("qkv_proj", part)] = chunk
+        elif "gate_up_proj" in name:
+            for part, chunk in zip(("gate_proj", "up_proj"), tensor.chunk(2)):
+                state[name.replace("gate_up_proj", part)] = chunk
+        else:
+            state[name] = tensor
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    assert not missing and not unexpected, (missing, unexpected)
+    hf.model.rotary_emb.__init__(config, device="cuda")  # buffers were on meta
+    return hf.eval()
+
+
+def hf_latency(hf, prompt: list[int], new_tokens: int) -> dict:
+    ids = torch.tensor([prompt], device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  cache_implementation="static")
+    hf.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    sync()
+    start = time.perf_counter()
+    hf.generate(ids, **kwargs)
+    sync()
+    return {"tok_s": new_tokens / (time.perf_counter() - start)}
+
+
+def hf_throughput(hf, prompts: list[list[int]], new_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    sync()
+    start = time.perf_counter()
+    outputs = hf.generate_batch(inputs=prompts, generation_config=config)
+    sync()
+    wall = time.perf_counter() - start
+    produced = sum(len(o.generated_tokens) for o in outputs.values())
+    return {"requests": len(prompts), "output_tokens": produced, "wall_s": wall, "output_tok_s": produced / wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--long-prompt", type=int, default=8192)
+    parser.add_argument("--hf-requests", type=int, default=64, help="requests for HF generate_batch (0: skip)")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    cfg = SHAPES[args.shape]
+    model_dir = write_dummy_model_dir(Path(tempfile.mkdtemp()) / args.shape, cfg)
+    result: dict = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["ceilings"] = ceilings = measure_ceilings(args.device)
+    m = model_numbers(cfg)
+
+    start = time.perf_counter()
+    llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device,
+              max_model_len=args.long_prompt + args.output_len + 16, gpu_memory_utilization=0.6,
+              max_num_seqs=args.requests, max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
+    core = llm.llm_engine.core
+    result["startup_s"] = time.perf_counter() - start
+    result["cuda_graph_capture_s"] = core.cuda_graph_capture_seconds
+    rng = random.Random(0)
+    vocab = cfg["vocab_size"]
+    prompt = lambda n: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
+
+    timed_single(llm, prompt(128), 16)  # warm-up
+    latency = []
+    for prompt_len in (128, args.long_prompt):
+        run = timed_single(llm, prompt(prompt_len), args.output_len)
+        mid_context = prompt_len + args.output_len // 2
+        run["roofline_decode_tok_s"] = ceilings["copy_bytes_per_s"] / decode_step_bytes(m, mid_context)
+        run["fraction_of_roofline"] = run["decode_tok_s"] / run["roofline_decode_tok_s"]
+        latency.append(run)
+    result["latency"] = latency
+
+    prompts = [prompt(args.input_len) for _ in range(args.requests)]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    sync()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync()
+    wall = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    prefill_bound = args.requests * prefill_flops(m, args.input_len) / ceilings["matmul_flops_per_s"]
+    decode_bytes = sum(decode_step_bytes(m, args.requests * (args.input_len + step))
+                       for step in range(args.output_len))
+    decode_bound = decode_bytes / ceilings["copy_bytes_per_s"]
+    result["throughput"] = {
+        "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len, "wall_s": wall,
+        "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + args.requests * args.input_len) / wall,
+        "roofline_s": prefill_bound + decode_bound, "roofline_prefill_s": prefill_bound,
+        "roofline_decode_s": decode_bound, "fraction_of_roofline": (prefill_bound + decode_bound) / wall,
+        "preemptions": core.total_preemptions}
+
+    if not args.skip_hf and args.device == "cuda":
+        try:
+            hf = hf_from_engine(llm, cfg, "sdpa")
+            del llm, core
+            gc.collect()
+            torch.cuda.empty_cache()
+            result["hf_latency_128"] = hf_latency(hf, prompts[0][:128], args.output_len)
+            if args.hf_requests:
+                hf.set_attn_implementation("paged|sdpa")
+                result["hf_throughput"] = hf_throughput(hf, prompts[:args.hf_requests], args.output_len)
+        except Exception as e:  # report, keep our numbers
+            result["hf_error"] = f"{type(e).__name__}: {e}"
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"engine_bench_{args.shape}.json").write_text(json.dumps(result, indent=2))
+    c = result["ceilings"]
+    print(f"\n{result['device']} {args.shape}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; start-up {result['startup_s']:.1f} s "
+          f"(graphs {result['cuda_graph_capture_s']})")
+    for run in latency:
+        print(f"latency  prompt {run['prompt_len']:5} -> {run['new_tokens']}: TTFT {run['ttft_s'] * 1e3:.0f} ms, "
+              f"decode {run['decode_tok_s']:.1f} tok/s = {run['fraction_of_roofline']:.0%} of roofline "
+              f"{run['roofline_decode_tok_s']:.0f}")
+    t = result["throughput"]
+    print(f"throughput {t['requests']} x ({t['input_len']} in, {t['output_len']} out): {t['output_tok_s']:.0f} out tok/s, "
+          f"{t['total_tok_s']:.0f} total tok/s, {t['wall_s']:.1f} s vs roofline {t['roofline_s']:.1f} s "
+          f"({t['fraction_of_roofline']:.0%})")
+    for key in ("hf_latency_128", "hf_throughput", "hf_error"):
+        if key in result:
+            print(f"{key}: {result[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
