@@ -129,8 +129,12 @@ class ModelRunner:
         sampling_chunks = [c for c in chunks if c.samples]
         results: list[SampledToken | None] = [None] * len(chunks)
         if sampling_chunks:
-            logits = self.model.compute_logits(hidden[logits_rows])
-            tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
+            all_rows = len(sampling_chunks) == len(chunks) == hidden.shape[0]  # pure decode: no gather
+            logits = self.model.compute_logits(hidden if all_rows else hidden[logits_rows])
+            if all(_plain_greedy(c) for c in sampling_chunks):
+                tokens, logprobs = logits.argmax(dim=-1), None  # no per-row tensors to build
+            else:
+                tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
             token_list = tokens.tolist()
             row = 0
             for index, chunk in enumerate(chunks):
@@ -162,17 +166,24 @@ class ModelRunner:
                 logits_rows.append(query_start[-1] - 1)
         max_blocks = max(len(c.block_ids) for c in chunks)
         tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
-        dev = self.device
+        # Two host-to-device copies per step (one per dtype), from pinned memory without a sync,
+        # instead of one blocking copy per tensor.
+        num_tokens, num_reqs = len(input_ids), len(chunks)
+        longs = self._to_device(input_ids + positions + slots + logits_rows, torch.long)
+        ints = self._to_device(seq_lens + query_start + [b for t in tables for b in t], torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            slot_mapping=longs[2 * num_tokens:3 * num_tokens],
+            block_tables=ints[2 * num_reqs + 1:].view(num_reqs, max_blocks),
+            seq_lens=ints[:num_reqs],
+            query_start_loc=ints[num_reqs:2 * num_reqs + 1],
             seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
             num_decodes=sum(1 for n in query_lens if n == 1))
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                torch.tensor(logits_rows, dtype=torch.long, device=dev))
+        return longs[:num_tokens], longs[num_tokens:2 * num_tokens], meta, longs[3 * num_tokens:]
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def _sampling_metadata(self, chunks: list[ScheduledChunk], vocab_size: int) -> SamplingMetadata:
         dev = self.device
@@ -224,6 +235,13 @@ class ModelRunner:
             max_num_logprobs=max(requested) if requested else None,
             num_logprobs=num_logprobs,
         )
+
+
+def _plain_greedy(chunk: ScheduledChunk) -> bool:
+    """Greedy with nothing that changes or reports the distribution: argmax is the whole sampler."""
+    sp = chunk.request.sampling_params
+    return (sp.greedy and sp.logprobs is None and sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0 and chunk.request.num_output_tokens >= sp.min_tokens)
 
 
 def _dummy_sampling_metadata(rows: int, vocab_size: int, device: torch.device) -> SamplingMetadata:
