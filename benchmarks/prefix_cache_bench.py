@@ -26,11 +26,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import one_request  # noqa: E402
-from shapes import LLAMA_8B, QWEN3_0_6B, TINY, write_dummy_model_dir  # noqa: E402
+from shapes import SHAPES, write_dummy_model_dir  # noqa: E402
 
 from tokenmill.testing.server_process import ServerProcess  # noqa: E402
-
-SHAPES = {"llama-8b": LLAMA_8B, "qwen3-0.6b": QWEN3_0_6B, "tiny": TINY}
 
 
 async def run_workload(url: str, args, vocab: int) -> list[dict]:

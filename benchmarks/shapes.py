@@ -28,6 +28,8 @@ TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=
             max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="float32")
 
+SHAPES = {"llama-8b": LLAMA_8B, "qwen3-0.6b": QWEN3_0_6B, "tiny": TINY}
+
 
 def write_dummy_model_dir(path: Path, config: dict) -> Path:
     """A model directory with config.json and a small tokenizer, to load with load_format="dummy".

@@ -127,7 +127,7 @@ def test_invalid_sampling_params(kwargs, message):
 
 
 def test_prompt_too_long_names_both_lengths(llama_llm):
-    with pytest.raises(InvalidRequestError, match=r"prompt 1: the prompt has 1100 tokens, .*max_model_len=1024"):
+    with pytest.raises(InvalidRequestError, match=r"prompt 1: This model's maximum context length is 1024 tokens .*the prompt has 1100 tokens"):
         llama_llm.generate(["ok", [7] * 1100], SamplingParams(max_tokens=2))
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         llama_llm.generate([[]], SamplingParams(max_tokens=2))

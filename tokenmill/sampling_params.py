@@ -94,3 +94,9 @@ class SamplingParams:
 
     def clone(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+    def per_sequence(self) -> list["SamplingParams"]:
+        """The n independent sequences of a request; seeded ones get seed + i so they differ (as vLLM)."""
+        if self.n == 1:
+            return [self]
+        return [self.clone(n=1, seed=None if self.seed is None else self.seed + i) for i in range(self.n)]

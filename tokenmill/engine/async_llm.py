@@ -22,6 +22,7 @@ from tokenmill.engine.core_process import EngineCoreClient, EngineDeadError
 from tokenmill.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import RequestStatus
+from tokenmill.engine.validation import validate_request
 from tokenmill.errors import InvalidRequestError
 from tokenmill.ops.request_log import RequestLog
 from tokenmill.outputs import RequestOutput
@@ -102,18 +103,8 @@ class AsyncLLM:
                                                                 add_special_tokens)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        num = len(prompt_token_ids)
-        if num == 0:
-            raise InvalidRequestError("the prompt is empty; it needs at least one token", param="prompt")
-        if num > self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                f"{num} tokens. Please reduce the length of the prompt.", param="prompt")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is out of range for the vocabulary [0, {vocab})",
-                                      param="prompt")
+        validate_request(prompt_token_ids, params, max_model_len=self.max_model_len,
+                         vocab_size=self.model_config.vocab_size)
 
     def submit(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                *, arrival_time: float | None = None, cache_salt: str | None = None) -> RequestStream:
@@ -128,8 +119,7 @@ class AsyncLLM:
         self.validate(prompt_token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         stream = RequestStream(request_id, arrival, len(prompt_token_ids))
-        children = [params] if params.n == 1 else [
-            params.clone(n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+        children = params.per_sequence()
         core_ids = self.output_processor.add_request(request_id, prompt, prompt_token_ids, children)
         self.streams[request_id] = stream
         eos = tuple(self.model_config.eos_token_ids)

@@ -16,6 +16,7 @@ from tokenmill.engine.engine_core import EngineCore
 from tokenmill.engine.messages import EngineCoreRequest
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import RequestStatus
+from tokenmill.engine.validation import validate_request
 from tokenmill.errors import InvalidRequestError
 from tokenmill.ops.request_log import RequestLog
 from tokenmill.outputs import RequestOutput
@@ -62,21 +63,8 @@ class LLMEngine:
                                   param="prompt")
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Reject what the engine cannot serve, before it reaches the core, naming the limit."""
-        num = len(prompt_token_ids)
-        if num == 0:
-            raise InvalidRequestError("the prompt is empty; it needs at least one token", param="prompt")
-        if num > self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {num} tokens, more than this model's maximum context length "
-                f"(max_model_len={self.max_model_len})", param="prompt")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is out of range for the vocabulary [0, {vocab})",
-                                      param="prompt")
-        if params.stop and not params.detokenize:
-            raise InvalidRequestError("stop strings need detokenize=True", param="stop")
+        validate_request(prompt_token_ids, params, max_model_len=self.max_model_len,
+                         vocab_size=self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None, cache_salt: str | None = None) -> None:
@@ -91,9 +79,7 @@ class LLMEngine:
         `cache_salt`s never share prefix-cache blocks."""
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        # n > 1: n independent sequences; seeded ones get seed + i so they differ (as vLLM does).
-        children = [params] if params.n == 1 else [
-            params.clone(n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+        children = params.per_sequence()
         core_ids = self.output_processor.add_request(request_id, text, token_ids, children)
         eos = tuple(self.model_config.eos_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
