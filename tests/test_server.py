@@ -199,7 +199,8 @@ def test_unknown_model_is_404(server):
 def test_disconnect_mid_stream_frees_blocks(server):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions",
-                         json={"prompt": "long one", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+                         json={"prompt": "long one", "max_tokens": 900, "ignore_eos": True, "stream": True,
+                               "temperature": 0, "return_token_ids": True}) as r:  # a chunk per token
             lines = r.iter_lines()
             for _ in range(6):
                 next(lines)
