@@ -166,6 +166,8 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     cfg = SHAPES[args.shape]
@@ -178,7 +180,8 @@ def main() -> int:
     start = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device,
               max_model_len=args.long_prompt + args.output_len + 16, gpu_memory_utilization=0.6,
-              max_num_seqs=args.requests, max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
+              max_num_seqs=args.requests, max_num_batched_tokens=args.max_num_batched_tokens,
+              enforce_eager=args.enforce_eager)
     core = llm.llm_engine.core
     result["startup_s"] = time.perf_counter() - start
     result["cuda_graph_capture_s"] = core.cuda_graph_capture_seconds
@@ -188,7 +191,7 @@ def main() -> int:
 
     timed_single(llm, prompt(128), 16)  # warm-up
     latency = []
-    for prompt_len in (128, args.long_prompt):
+    for prompt_len in () if args.skip_latency else (128, args.long_prompt):
         run = timed_single(llm, prompt(prompt_len), args.output_len)
         mid_context = prompt_len + args.output_len // 2
         run["roofline_decode_tok_s"] = ceilings["copy_bytes_per_s"] / decode_step_bytes(m, mid_context)
@@ -213,7 +216,7 @@ def main() -> int:
         "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + args.requests * args.input_len) / wall,
         "roofline_s": prefill_bound + decode_bound, "roofline_prefill_s": prefill_bound,
         "roofline_decode_s": decode_bound, "fraction_of_roofline": (prefill_bound + decode_bound) / wall,
-        "preemptions": core.total_preemptions}
+        "preemptions": core.total_preemptions, "max_num_batched_tokens": args.max_num_batched_tokens}
 
     if not args.skip_hf and args.device == "cuda":
         try:
