@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     from tokenmill.ops.cache_report import add_cache_report_parser
+    from tokenmill.train.default_model import add_train_parser
 
     add_cache_report_parser(sub)
+    add_train_parser(sub)
 
     tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight HF model directory (for tests)")
     tiny.add_argument("out", help="output directory")

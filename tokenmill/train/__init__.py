@@ -1,0 +1,1 @@
+"""Training the project's own small default models (corpus, tokenizer, training loop, model card)."""
