@@ -49,11 +49,45 @@ class RequestStream:
     latest: RequestOutput | None = None
     error: Exception | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    # for metrics
+    trace_id: str | None = None  # X-Request-Id (or the request id): named on its log lines
+    # for metrics and the response's timing breakdown (monotonic seconds)
     scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    finish_time: float | None = None
+    detokenize_s: float = 0.0  # API-process time in the output processor for this request
+    num_cached_tokens: int = 0
     num_tokens: int = 0
+    finish_reason: str | None = None
+
+    def timing(self) -> dict:
+        """Milliseconds: queue (arrival to first scheduled), prefill (first scheduled to first
+        token), decode (first to last token), detokenize (API-process output processing, which
+        runs while decoding), e2e (arrival to last token); and the prompt tokens the prefix cache
+        served. Times not reached yet are None."""
+        return request_timing([self])
+
+
+def request_timing(streams: list[RequestStream]) -> dict:
+    """The timing breakdown of one API call: over all its prompts' streams (first scheduled, first
+    token, last finish; detokenize time and cached tokens summed)."""
+
+    def ms(a, b):
+        return None if a is None or b is None else round(max(0.0, b - a) * 1e3, 3)
+
+    arrival = min(s.arrival_time for s in streams)
+    scheduled = min((s.scheduled_time for s in streams if s.scheduled_time is not None), default=None)
+    first = min((s.first_token_time for s in streams if s.first_token_time is not None), default=None)
+    finished = [s.finish_time for s in streams]
+    finish = max(finished) if all(t is not None for t in finished) else None
+    return {"queue_ms": ms(arrival, scheduled), "prefill_ms": ms(scheduled, first),
+            "cached_prompt_tokens": sum(s.num_cached_tokens for s in streams), "decode_ms": ms(first, finish),
+            "detokenize_ms": round(sum(s.detokenize_s for s in streams) * 1e3, 3), "e2e_ms": ms(arrival, finish)}
+
+
+def timing_header(timing: dict) -> str:
+    """`queue_ms=1.2;prefill_ms=30.5;...` (the X-Tokenmill-Timing header)."""
+    return ";".join(f"{k}={'' if v is None else v}" for k, v in timing.items())
 
 
 class AsyncLLM:
@@ -107,7 +141,8 @@ class AsyncLLM:
                          vocab_size=self.model_config.vocab_size)
 
     def submit(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-               *, arrival_time: float | None = None, cache_salt: str | None = None) -> RequestStream:
+               *, arrival_time: float | None = None, cache_salt: str | None = None,
+               trace_id: str | None = None) -> RequestStream:
         """Validate and send a request to the core. Raises at once (bad input, overload, dead engine)."""
         if not self.healthy:
             raise EngineDeadError(self.client.death_reason)
@@ -118,7 +153,7 @@ class AsyncLLM:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         self.validate(prompt_token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        stream = RequestStream(request_id, arrival, len(prompt_token_ids))
+        stream = RequestStream(request_id, arrival, len(prompt_token_ids), trace_id=trace_id or request_id)
         children = params.per_sequence()
         core_ids = self.output_processor.add_request(request_id, prompt, prompt_token_ids, children)
         self.streams[request_id] = stream
@@ -126,12 +161,14 @@ class AsyncLLM:
         try:
             for core_id, child in zip(core_ids, children):
                 self.client.add_request(EngineCoreRequest(core_id, prompt_token_ids, child, eos, arrival,
-                                                          cache_salt))
+                                                          cache_salt, trace_id=stream.trace_id))
         except EngineDeadError:
             self._forget(request_id)
             raise
         if self.request_log is not None:
             self.request_log.add_request(request_id, prompt_token_ids, arrival, cache_salt)
+        logger.info("request %s submitted: %d prompt tokens, n=%d, max_tokens %s", request_id,
+                    len(prompt_token_ids), len(children), params.max_tokens, extra={"request_id": stream.trace_id})
         return stream
 
     async def outputs(self, stream: RequestStream, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -159,8 +196,11 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (client gone, timeout); its KV blocks are freed in the core."""
-        if request_id not in self.streams:
+        stream = self.streams.get(request_id)
+        if stream is None:
             return
+        logger.info("request %s aborted after %d output tokens (%.1f ms)", request_id, stream.num_tokens,
+                    (time.monotonic() - stream.arrival_time) * 1e3, extra={"request_id": stream.trace_id})
         core_ids = self.output_processor.core_request_ids(request_id)
         output = self.output_processor.abort(request_id)
         if self.request_log is not None and output is not None:
@@ -181,47 +221,74 @@ class AsyncLLM:
 
     def _process(self, batch: EngineCoreOutputs) -> None:
         now = time.monotonic()
-        if self.metrics is not None:
-            self._record_token_metrics(batch, now)  # before processing forgets finished sequences
-        outputs, stopped = self.output_processor.process_outputs(batch.outputs)
+        if batch.stats is not None:
+            self.last_stats = batch.stats
+            if self.metrics is not None:
+                self.metrics.record_stats(batch.stats, self.num_kv_blocks)
+        # One request at a time, so each one's output-processing (detokenize) time is its own.
+        groups: dict[str, list] = {}
+        for out in batch.outputs:
+            entry = self.output_processor.sequences.get(out.request_id)
+            if entry is not None:  # else finished here already (stop string) while the core ran on
+                groups.setdefault(entry[0].request_id, []).append(out)
+        all_outputs, stopped = [], []
+        for request_id, core_outputs in groups.items():
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                self._note_tokens(stream, core_outputs, now)
+            start = time.perf_counter()
+            outputs, stop = self.output_processor.process_outputs(core_outputs)
+            if stream is not None:
+                stream.detokenize_s += time.perf_counter() - start
+            all_outputs.extend(outputs)
+            stopped.extend(stop)
         if stopped:
             self.client.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.request_log is not None:
-            self.request_log.observe(outputs)
-        if self.metrics is not None:
-            if batch.stats is not None:
-                self.last_stats = batch.stats
-                self.metrics.record_stats(batch.stats, self.num_kv_blocks)
-        for output in outputs:
+            self.request_log.observe(all_outputs)
+        for output in all_outputs:
             stream = self.streams.get(output.request_id)
             if stream is None:
                 continue
-            stream.latest = output
-            stream.event.set()
             if output.finished:
+                # Before the consumer wakes: its last chunk carries the complete timing.
+                stream.finish_time = now
+                stream.num_cached_tokens = output.num_cached_tokens
+                stream.finish_reason = ",".join(sorted({c.finish_reason or "abort" for c in output.outputs}))
                 self.streams.pop(output.request_id, None)
+                self._log_finished(stream)
                 if self.metrics is not None:
                     self._record_finished(stream, output, now)
+            stream.latest = output
+            stream.event.set()
 
-    def _record_token_metrics(self, batch: EngineCoreOutputs, now: float) -> None:
-        for out in batch.outputs:
-            entry = self.output_processor.sequences.get(out.request_id)
-            stream = self.streams.get(entry[0].request_id) if entry else None
-            if stream is None:
-                continue
+    def _note_tokens(self, stream: RequestStream, core_outputs, now: float) -> None:
+        for out in core_outputs:
             if out.scheduled_time is not None and stream.scheduled_time is None:
                 stream.scheduled_time = out.scheduled_time
             count = len(out.new_token_ids)
-            if stream.first_token_time is None:
+            first = stream.first_token_time is None
+            if first:
                 stream.first_token_time = now
-                self.metrics.ttft.observe(now - stream.arrival_time)
-                self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
-            elif stream.last_token_time is not None:
-                for _ in range(count):
-                    self.metrics.itl.observe((now - stream.last_token_time) / count)
+            if self.metrics is not None:
+                if first:
+                    self.metrics.observe_ttft(now - stream.arrival_time, stream.num_prompt_tokens)
+                itl = (now - stream.last_token_time) / count \
+                    if not first and stream.last_token_time is not None and count else None
+                self.metrics.observe_tokens(count, itl)
             stream.last_token_time = now
             stream.num_tokens += count
-            self.metrics.generation_tokens.inc(count)
+
+    def _log_finished(self, stream: RequestStream) -> None:
+        timing = stream.timing()
+        logger.info("request %s finished (%s): %d prompt tokens (%d cached), %d output tokens; queue %s ms, "
+                    "prefill %s ms, decode %s ms, detokenize %s ms, e2e %s ms", stream.request_id,
+                    stream.finish_reason, stream.num_prompt_tokens, stream.num_cached_tokens, stream.num_tokens,
+                    timing["queue_ms"], timing["prefill_ms"], timing["decode_ms"], timing["detokenize_ms"],
+                    timing["e2e_ms"],
+                    extra={"request_id": stream.trace_id, "fields": {
+                        "engine_request_id": stream.request_id, "finish_reason": stream.finish_reason,
+                        "prompt_tokens": stream.num_prompt_tokens, "output_tokens": stream.num_tokens, **timing}})
 
     def _record_finished(self, stream: RequestStream, output: RequestOutput, now: float) -> None:
         m = self.metrics
@@ -232,6 +299,7 @@ class AsyncLLM:
         m.prefill.observe(max(0.0, first - scheduled))
         m.decode.observe(max(0.0, now - first))
         m.inference.observe(max(0.0, now - scheduled))
+        m.detokenize.observe(stream.detokenize_s)
         m.req_prompt_tokens.observe(stream.num_prompt_tokens)
         m.req_generation_tokens.observe(stream.num_tokens)
         for completion in output.outputs:

@@ -62,6 +62,9 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     # must not kill the core mid-step before the API process has drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from tokenmill.ops.tracing import configure_logging
+
+    configure_logging()  # request ids on log lines; JSON lines when TOKENMILL_LOG_JSON=1
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_address)
@@ -71,6 +74,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         from tokenmill.engine.engine_core import EngineCore
 
         core = EngineCore(config)
+        core.log_requests = True
         outbox.send(pickle.dumps(EngineReady(core.max_model_len, core.kv_capacity_tokens, core.num_kv_blocks,
                                              config.block_size)))
         _busy_loop(core, inbox, outbox)
@@ -90,6 +94,8 @@ def _busy_loop(core, inbox, outbox) -> None:
     while True:
         # Idle: block until a message comes. Busy: take only what is already there.
         timeout = 0 if core.has_unfinished_requests() else None
+        if timeout is None:
+            core.idle()  # the wait below is no engine stall: the next step reports no idle gap
         received = False
         while poller.poll(timeout):
             message = pickle.loads(inbox.recv())

@@ -8,6 +8,7 @@ can run in its own process without change.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -54,23 +55,75 @@ class EngineCore:
                             enable_prefix_caching=engine_config.enable_prefix_caching),
             KVCacheManager(num_blocks, block_size, enable_prefix_caching=engine_config.enable_prefix_caching))
         self.total_preemptions = 0
+        # One INFO line per request when it arrives and when it leaves, tagged with its trace id
+        # (the server turns this on; offline LLM.generate keeps it off). Not per step.
+        self.log_requests = False
+        self._traced: dict[str, tuple[str, Request]] = {}
+        self.runner.step_timer.collect()  # drop anything start-up ran
+        self.runner.step_timer.mark_idle()
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request(
+        core_request = Request(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling_params=request.sampling_params, eos_token_ids=request.eos_token_ids,
-            arrival_time=request.arrival_time, cache_salt=request.cache_salt))
+            arrival_time=request.arrival_time, cache_salt=request.cache_salt)
+        self.scheduler.add_request(core_request)
+        if self.log_requests:
+            trace = request.trace_id or request.request_id
+            self._traced[request.request_id] = (trace, core_request)
+            logger.info("request %s queued: %d prompt tokens, max_tokens %s; %d running, %d waiting",
+                        request.request_id, len(request.prompt_token_ids), request.sampling_params.max_tokens,
+                        len(self.scheduler.running), len(self.scheduler.waiting), extra={"request_id": trace})
 
     def abort_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
+        if self.log_requests:
+            for request_id in request_ids:
+                self._log_finished(request_id, status.value)
+
+    def idle(self) -> None:
+        """The caller is about to wait for new requests (no step until one comes)."""
+        self.runner.step_timer.mark_idle()
+
+    def _log_finished(self, request_id: str, reason: str) -> None:
+        traced = self._traced.pop(request_id, None)
+        if traced is None:
+            return
+        trace, request = traced
+        now = time.monotonic()
+        queue = (request.scheduled_time - request.arrival_time) if request.scheduled_time else None
+        logger.info("request %s finished (%s): %d prompt tokens (%d cached), %d output tokens, %d preemptions; "
+                    "queue %s, in engine %.1f ms", request_id, reason, request.num_prompt_tokens,
+                    request.num_cached_tokens or 0, request.num_output_tokens, request.num_preemptions,
+                    "-" if queue is None else f"{queue * 1e3:.1f} ms", (now - request.arrival_time) * 1e3,
+                    extra={"request_id": trace, "fields": {
+                        "engine_request_id": request_id, "finish_reason": reason,
+                        "prompt_tokens": request.num_prompt_tokens,
+                        "cached_prompt_tokens": request.num_cached_tokens or 0,
+                        "output_tokens": request.num_output_tokens, "preemptions": request.num_preemptions,
+                        "queue_ms": None if queue is None else round(queue * 1e3, 3),
+                        "engine_ms": round((now - request.arrival_time) * 1e3, 3)}})
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        """Schedule, run the model, update the requests. Returns the new tokens of this step."""
+        """Schedule, run the model, update the requests. Returns the new tokens of this step, with
+        the engine's state and the step's timings in `stats`."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule_step()
+        scheduling = time.perf_counter() - start
         sampled = self.runner.execute(scheduled)
         outputs = self.scheduler.update_from_output(scheduled, sampled)
         self.total_preemptions += scheduled.num_preemptions
-        return EngineCoreOutputs(outputs=outputs, stats=self.scheduler.stats(scheduled.num_preemptions, scheduled))
+        if self._traced:
+            for out in outputs:
+                if out.finish_reason is not None:
+                    self._log_finished(out.request_id, out.finish_reason)
+        stats = self.scheduler.stats(scheduled.num_preemptions, scheduled)
+        stats.step_batch_size = len(scheduled.chunks)
+        stats.step_scheduling_time = scheduling
+        stats.step_device_times, stats.step_idle_times = self.runner.step_timer.collect()
+        stats.device_timing = self.runner.step_timer.kind
+        stats.step_duration = time.perf_counter() - start
+        return EngineCoreOutputs(outputs=outputs, stats=stats)

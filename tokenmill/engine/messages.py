@@ -17,6 +17,8 @@ class EngineCoreRequest:
     arrival_time: float
     # Requests with different salts never share prefix-cache blocks (vLLM's cache_salt).
     cache_salt: str | None = None
+    # The client's X-Request-Id (or one the server made up): the core names it on its log lines.
+    trace_id: str | None = None
 
 
 @dataclass
@@ -70,6 +72,18 @@ class SchedulerStats:
     # model (the sum of every step's num_prefill_tokens); together all prefill tokens.
     prefill_cached_tokens: int = 0
     prefill_computed_tokens: int = 0
+    # ---- the step these stats come with (all unset when no step ran, e.g. after aborts) ----
+    step_batch_size: int = 0  # requests (chunks) in the step
+    step_scheduling_time: float | None = None  # host seconds in Scheduler.schedule_step
+    step_duration: float | None = None  # host seconds of the whole EngineCore.step (wall)
+    # Device timings that completed since the previous stats (usually one entry; on CUDA a step
+    # whose events were not yet done when it returned shows up with the next one). Seconds.
+    # step_device_times: forward + sampling of a step, from CUDA events on the GPU, wall time on
+    # the CPU. step_idle_times: the device's gap between the end of one step's forward+sampling
+    # and the start of the next one's, only between back-to-back steps (not across idle periods).
+    step_device_times: list[float] = field(default_factory=list)
+    step_idle_times: list[float] = field(default_factory=list)
+    device_timing: str = ""  # "cuda_events" | "wall"
 
 
 @dataclass

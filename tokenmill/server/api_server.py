@@ -14,12 +14,13 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from tokenmill import __version__
-from tokenmill.engine.async_llm import AsyncLLM, OverloadedError, RequestStream
+from tokenmill.engine.async_llm import AsyncLLM, OverloadedError, RequestStream, request_timing, timing_header
 from tokenmill.engine.core_process import EngineDeadError
 from tokenmill.errors import InvalidRequestError
+from tokenmill.ops.tracing import new_request_id, request_id_var, sanitize_request_id
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -28,6 +29,56 @@ from tokenmill.server.protocol import (ChatCompletionRequest, CompletionRequest,
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+TIMING_HEADER = "X-Tokenmill-Timing"
+
+
+class RequestIdMiddleware:
+    """Every HTTP request gets a trace id: the client's X-Request-Id (made safe) or `req-<uuid>`.
+    It is set in `request_id_var` (so log lines name it), kept in `scope["state"]`, and returned
+    as the response's X-Request-Id header. Plain ASGI, so streaming responses pass untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for key, value in scope.get("headers", ()):
+            if key == b"x-request-id":
+                given = sanitize_request_id(value.decode("latin-1"))
+                break
+        hex_id = uuid.uuid4().hex
+        trace_id = given or new_request_id(hex_id)
+        state = scope.setdefault("state", {})
+        state["trace_id"], state["uuid_hex"] = trace_id, hex_id
+        header = (b"x-request-id", trace_id.encode("latin-1"))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        token = request_id_var.set(trace_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def _ids(raw: Request, prefix: str) -> tuple[str, str]:
+    """(engine/response id `prefix-<uuid>`, trace id) of the HTTP request being served."""
+    trace_id = raw.scope.get("state", {}).get("trace_id") or request_id_var.get()
+    hex_id = raw.scope.get("state", {}).get("uuid_hex") or uuid.uuid4().hex
+    return f"{prefix}-{hex_id}", trace_id or new_request_id(hex_id)
+
+
+def timing_headers(timing: dict) -> dict:
+    server_timing = ", ".join(f"{name};dur={timing[f'{name}_ms']}" for name in ("queue", "prefill", "decode",
+                                                                               "detokenize", "e2e")
+                              if timing.get(f"{name}_ms") is not None)
+    return {TIMING_HEADER: timing_header(timing), "Server-Timing": server_timing}
 
 
 class APIError(Exception):
@@ -74,9 +125,17 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        yield
+        sampler = asyncio.create_task(_sample_live_stats(engine)) if engine.metrics is not None else None
+        try:
+            yield
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware)
     state = ServerState(engine, model_name, request_timeout)
 
     @app.exception_handler(APIError)
@@ -119,6 +178,16 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
     async def metrics():
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/v1/stats")
+    async def stats(seconds: float | None = None):
+        return _stats_body(engine, state.model_name, seconds)
+
+    @app.get("/dashboard")
+    async def dashboard():
+        from tokenmill.server.dashboard import dashboard_html
+
+        return HTMLResponse(dashboard_html(state.model_name))
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
@@ -146,12 +215,12 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
         prompts = await _completion_prompts(engine, body.prompt)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id, trace_id = _ids(raw, "cmpl")
         streams, params = _submit_all(engine, state, request_id, prompts, body,
-                                      lambda p: body.max_tokens, body.logprobs)
+                                      lambda p: body.max_tokens, body.logprobs, trace_id)
         usage_wanted = body.stream_options is not None and body.stream_options.include_usage
         render = CompletionRenderer(engine, state.model_name, request_id, prompts, body.echo, body.n,
-                                    body.return_token_ids)
+                                    body.return_token_ids, streams)
         if body.stream:
             return _sse(render.stream(_merged(engine, streams, state.request_timeout), params, usage_wanted))
         return await _until_disconnect(raw, render.full(_merged(engine, streams, state.request_timeout)))
@@ -163,17 +232,53 @@ def build_app(engine: AsyncLLM, model_name: str, request_timeout: float | None =
         prompts = [PreparedPrompt(text, await engine.tokenize(text, add_special_tokens=False))]
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id, trace_id = _ids(raw, "chatcmpl")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         streams, params = _submit_all(engine, state, request_id, prompts, body, lambda p: max_tokens,
-                                      (body.top_logprobs or 0) if body.logprobs else None)
+                                      (body.top_logprobs or 0) if body.logprobs else None, trace_id)
         usage_wanted = body.stream_options is not None and body.stream_options.include_usage
-        render = ChatRenderer(engine, state.model_name, request_id, prompts, False, body.n, body.return_token_ids)
+        render = ChatRenderer(engine, state.model_name, request_id, prompts, False, body.n, body.return_token_ids,
+                              streams)
         if body.stream:
             return _sse(render.stream(_merged(engine, streams, state.request_timeout), params, usage_wanted))
         return await _until_disconnect(raw, render.full(_merged(engine, streams, state.request_timeout)))
 
     return app
+
+
+async def _sample_live_stats(engine: AsyncLLM) -> None:
+    """One dashboard point per interval (and the busy-fraction gauge, the underfed-GPU check)."""
+    live = engine.metrics.live
+    while True:
+        await asyncio.sleep(live.interval)
+        try:
+            engine.metrics.sample_live()
+        except Exception:
+            logger.exception("live stats sample failed")
+
+
+def _stats_body(engine: AsyncLLM, model_name: str, seconds: float | None) -> dict:
+    metrics = engine.metrics
+    live = metrics.live if metrics is not None else None
+    telemetry = live.telemetry if live is not None else None
+    gpus = {}
+    telemetry_info = None
+    if telemetry is not None:
+        gpus = {str(i): {"name": telemetry.names.get(i, ""), **v} for i, v in telemetry.latest.items()}
+        telemetry_info = {"interval_s": telemetry.interval, "samples": telemetry.samples,
+                          "last_sample_ms": round(telemetry.last_sample_seconds * 1e3, 4),
+                          "mean_sample_ms": round(telemetry.sample_seconds_total / max(1, telemetry.samples) * 1e3,
+                                                  4)}
+    return {
+        "model": model_name, "time": time.time(), "healthy": engine.healthy,
+        "interval_s": live.interval if live else None,
+        "history_s": live.points.maxlen * live.interval if live else None,
+        "window_s": live.window_n * live.interval if live else None,
+        "max_model_len": engine.max_model_len, "kv_capacity_tokens": engine.kv_capacity_tokens,
+        "device_timing": live.device_timing if live else "", "gpu_busy_fraction": live.busy_fraction if live else None,
+        "gpus": gpus, "telemetry": telemetry_info, "warnings": live.warnings[-10:] if live else [],
+        "series": live.series(seconds) if live else {},
+    }
 
 
 # ---- request preparation -----------------------------------------------------------------------------
@@ -203,7 +308,7 @@ async def _completion_prompts(engine: AsyncLLM, prompt) -> list[PreparedPrompt]:
 
 
 def _submit_all(engine: AsyncLLM, state: ServerState, request_id: str, prompts: list[PreparedPrompt], body,
-                max_tokens_for, logprobs) -> tuple[list[RequestStream], SamplingParams]:
+                max_tokens_for, logprobs, trace_id: str | None = None) -> tuple[list[RequestStream], SamplingParams]:
     """Validate every prompt, then submit all (one engine request per prompt). All or nothing."""
     checked = []
     for index, prompt in enumerate(prompts):
@@ -225,7 +330,8 @@ def _submit_all(engine: AsyncLLM, state: ServerState, request_id: str, prompts: 
     try:
         for index, (prompt, params) in enumerate(zip(prompts, checked)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-            streams.append(engine.submit(rid, prompt.text, prompt.token_ids, params, cache_salt=body.cache_salt))
+            streams.append(engine.submit(rid, prompt.text, prompt.token_ids, params, cache_salt=body.cache_salt,
+                                         trace_id=trace_id))
     except Exception as e:
         for stream in streams:
             engine.abort(stream.request_id)
@@ -309,10 +415,14 @@ class CompletionRenderer:
     object_chunk = "text_completion"
 
     def __init__(self, engine: AsyncLLM, model_name: str, request_id: str, prompts: list[PreparedPrompt],
-                 echo: bool, n: int, return_token_ids: bool = False):
+                 echo: bool, n: int, return_token_ids: bool = False, streams: list[RequestStream] | None = None):
         self.engine, self.model_name, self.request_id = engine, model_name, request_id
         self.prompts, self.echo, self.n, self.return_token_ids = prompts, echo, n, return_token_ids
+        self.streams = streams or []
         self.created = int(time.time())
+
+    def timing(self) -> dict | None:
+        return request_timing(self.streams) if self.streams else None
 
     def choice_index(self, prompt_index: int, seq_index: int) -> int:
         return prompt_index * self.n + seq_index
@@ -375,7 +485,8 @@ class CompletionRenderer:
         choices.sort(key=lambda ch: ch["index"])
         body = self.envelope(choices, chunk=False)
         body["usage"] = self.usage(finals)
-        return JSONResponse(body)
+        timing = self.timing()
+        return JSONResponse(body, headers=timing_headers(timing) if timing else None)
 
     async def stream(self, merged, params: SamplingParams, include_usage: bool) -> AsyncIterator[dict]:
         # Hold back text that could be the start of a stop string: it may yet be cut.
@@ -410,10 +521,14 @@ class CompletionRenderer:
                     choices.append(choice)
                     sent_text[index] = -1 if done else limit
                     sent_tokens[index] = end
-                if choices:
-                    yield self.envelope(choices, chunk=True)
                 if output.finished:
                     finals[prompt_index] = output
+                last = len(finals) == len(self.prompts) and not include_usage
+                if choices or last:
+                    chunk = self.envelope(choices, chunk=True)
+                    if last and self.streams:
+                        chunk["timing"] = self.timing()  # the final chunk carries the breakdown
+                    yield chunk
         except Exception as e:
             api_error = _engine_error(e)
             yield error_body(api_error.message, api_error.type, api_error.status, api_error.param)
@@ -421,6 +536,8 @@ class CompletionRenderer:
         if include_usage:
             body = self.envelope([], chunk=True)
             body["usage"] = self.usage(finals)
+            if self.streams:
+                body["timing"] = self.timing()
             yield body
 
     def first_chunk_choices(self) -> list[dict]:

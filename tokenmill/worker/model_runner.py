@@ -15,6 +15,7 @@ from tokenmill.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOu
 from tokenmill.kernels import use_triton
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.loader import load_model
+from tokenmill.ops.step_timer import StepTimer
 from tokenmill.sample.sampler import Sampler, SamplingMetadata
 from tokenmill.worker.cuda_graphs import DecodeGraphs, default_capture_sizes
 
@@ -37,6 +38,9 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: DecodeGraphs | None = None
+        # Device time of each step's forward + sampling (CUDA events, read after the step's own
+        # sync) and the idle gap between steps; EngineCore.step collects them into SchedulerStats.
+        self.step_timer = StepTimer(device)
 
     # ---- KV cache -------------------------------------------------------------------------------
 
@@ -120,6 +124,7 @@ class ModelRunner:
         order = sorted(range(len(scheduled.chunks)), key=lambda i: scheduled.chunks[i].num_tokens != 1)
         chunks = [scheduled.chunks[i] for i in order]
         input_ids, positions, meta, logits_rows = self._prepare_inputs(chunks)
+        self.step_timer.start()
         if self.decode_graphs is not None and meta.num_decodes == len(chunks) \
                 and self.decode_graphs.can_run(len(chunks)):
             hidden = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
@@ -135,12 +140,15 @@ class ModelRunner:
                 tokens, logprobs = logits.argmax(dim=-1), None  # no per-row tensors to build
             else:
                 tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
+            self.step_timer.stop()  # before the sync below, which completes the end event
             token_list = tokens.tolist()
             row = 0
             for index, chunk in enumerate(chunks):
                 if chunk.samples:
                     results[index] = SampledToken(token_list[row], logprobs[row] if logprobs else None)
                     row += 1
+        else:
+            self.step_timer.stop()
         unsorted: list[SampledToken | None] = [None] * len(chunks)
         for position, original in enumerate(order):
             unsorted[original] = results[position]
