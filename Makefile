@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 MODEL ?=
 PROMPT ?= def fibonacci(n):
 MAX_TOKENS ?= 32
-TINY_MODEL := build/tiny-llama
 
 PORT ?= 8000
 
@@ -21,15 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-$(TINY_MODEL)/config.json: | setup
-	$(BIN)/tokenmill build-tiny-model $(TINY_MODEL) --arch llama
-
-# Without MODEL=..., a tiny random-weight model built locally (gibberish text, real engine).
+# Without MODEL=..., the shipped default model (tokenmill/default_models/tokenmill-code).
 serve: setup
 	$(BIN)/tokenmill serve $(if $(MODEL),--model $(MODEL),) --port $(PORT)
 
-generate: setup $(if $(MODEL),,$(TINY_MODEL)/config.json)
-	$(BIN)/tokenmill generate --model $(if $(MODEL),$(MODEL),$(TINY_MODEL)) --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+generate: setup
+	$(BIN)/tokenmill generate $(if $(MODEL),--model $(MODEL),) --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -46,7 +46,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop or None)
-    llm = LLM(args.model, seed=args.sample_seed or 0, **engine_kwargs(args))
+    from tokenmill.models.default_model import default_model_dir
+
+    llm = LLM(args.model or default_model_dir(), seed=args.sample_seed or 0, **engine_kwargs(args))
     output = llm.generate(args.prompt, params)[0].outputs[0]
     sys.stdout.write(args.prompt + output.text + "\n" if args.echo else output.text + "\n")
     return 0
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt and print it")
-    gen.add_argument("--model", required=True, help="Hugging Face-format model directory")
+    gen.add_argument("--model", default=None, help="HF model directory (default: the shipped tokenmill-code)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    srv.add_argument("--model", default=None, help="HF model directory (default: the built-in tiny model)")
+    srv.add_argument("--model", default=None, help="HF model directory (default: the shipped tokenmill-code)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")

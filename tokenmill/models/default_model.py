@@ -1,21 +1,18 @@
-"""The model used when none is named: until the project ships trained weights, a tiny random-weight
-Llama built locally once (its text is gibberish, but every part of the engine and server runs)."""
+"""The model used when none is named: tokenmill-code, trained by the project (`tokenmill
+train-default`) and shipped in the package, with its draft model for speculative decoding."""
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from tokenmill.errors import ModelLoadError
+
+DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "default_models"
+DEFAULT_MODEL = DEFAULT_MODELS / "tokenmill-code"
+DEFAULT_DRAFT_MODEL = DEFAULT_MODELS / "tokenmill-code-draft"
 
 
 def default_model_dir() -> str:
-    cache = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
-    path = cache / "tiny-llama"
-    if not (path / "config.json").exists():
-        from tokenmill.testing.tiny_models import build_tiny_model
-
-        logger.info("no --model given: building the built-in tiny model in %s", path)
-        build_tiny_model(path, "llama", seed=0)
-    return str(path)
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise ModelLoadError(f"the default model is missing from {DEFAULT_MODEL}; pass --model PATH")
+    return str(DEFAULT_MODEL)

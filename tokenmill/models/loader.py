@@ -85,5 +85,6 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, *, dtype: torch.dtype, d
         else:
             model.load_weights(iterate_weights(files))
     model.eval()
-    logger.info("loaded %s (%s, %s) in %.2f s", cfg.architecture, dtype, device, time.perf_counter() - start)
+    logger.info("loaded %s from %s (%s, %s, %s) in %.2f s", cfg.architecture, model_dir, load_format, dtype, device,
+                time.perf_counter() - start)
     return model
