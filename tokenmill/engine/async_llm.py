@@ -25,6 +25,7 @@ from tokenmill.engine.request import RequestStatus
 from tokenmill.engine.validation import validate_request
 from tokenmill.errors import InvalidRequestError
 from tokenmill.ops.request_log import RequestLog
+from tokenmill.ops.tracing import request_logging_enabled
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer import Tokenizer
@@ -107,6 +108,7 @@ class AsyncLLM:
         self.request_log = RequestLog(config.request_log_path, config.request_log_max_bytes,
                                       config.request_log_backup_count) if config.request_log_path else None
         self.last_stats = SchedulerStats()
+        self.log_requests = request_logging_enabled()  # per-request INFO lines (TOKENMILL_LOG_REQUESTS=0: off)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -167,8 +169,10 @@ class AsyncLLM:
             raise
         if self.request_log is not None:
             self.request_log.add_request(request_id, prompt_token_ids, arrival, cache_salt)
-        logger.info("request %s submitted: %d prompt tokens, n=%d, max_tokens %s", request_id,
-                    len(prompt_token_ids), len(children), params.max_tokens, extra={"request_id": stream.trace_id})
+        if self.log_requests:
+            logger.info("request %s submitted: %d prompt tokens, n=%d, max_tokens %s", request_id,
+                        len(prompt_token_ids), len(children), params.max_tokens,
+                        extra={"request_id": stream.trace_id})
         return stream
 
     async def outputs(self, stream: RequestStream, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -199,8 +203,9 @@ class AsyncLLM:
         stream = self.streams.get(request_id)
         if stream is None:
             return
-        logger.info("request %s aborted after %d output tokens (%.1f ms)", request_id, stream.num_tokens,
-                    (time.monotonic() - stream.arrival_time) * 1e3, extra={"request_id": stream.trace_id})
+        if self.log_requests:
+            logger.info("request %s aborted after %d output tokens (%.1f ms)", request_id, stream.num_tokens,
+                        (time.monotonic() - stream.arrival_time) * 1e3, extra={"request_id": stream.trace_id})
         core_ids = self.output_processor.core_request_ids(request_id)
         output = self.output_processor.abort(request_id)
         if self.request_log is not None and output is not None:
@@ -256,7 +261,8 @@ class AsyncLLM:
                 stream.num_cached_tokens = output.num_cached_tokens
                 stream.finish_reason = ",".join(sorted({c.finish_reason or "abort" for c in output.outputs}))
                 self.streams.pop(output.request_id, None)
-                self._log_finished(stream)
+                if self.log_requests:
+                    self._log_finished(stream)
                 if self.metrics is not None:
                     self._record_finished(stream, output, now)
             stream.latest = output

@@ -62,7 +62,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     # must not kill the core mid-step before the API process has drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from tokenmill.ops.tracing import configure_logging
+    from tokenmill.ops.tracing import configure_logging, request_logging_enabled
 
     configure_logging()  # request ids on log lines; JSON lines when TOKENMILL_LOG_JSON=1
     ctx = zmq.Context()
@@ -74,7 +74,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         from tokenmill.engine.engine_core import EngineCore
 
         core = EngineCore(config)
-        core.log_requests = True
+        core.log_requests = request_logging_enabled()
         outbox.send(pickle.dumps(EngineReady(core.max_model_len, core.kv_capacity_tokens, core.num_kv_blocks,
                                              config.block_size)))
         _busy_loop(core, inbox, outbox)

@@ -74,6 +74,11 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tokenmill.ops.cache_report import add_cache_report_parser
+    from tokenmill.ops.tokens_cli import add_tokens_parser
+    from tokenmill.ops.tracing import add_observability_args
+    from tokenmill.train.default_model import add_train_parser
+
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill: LLM inference engine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -102,12 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     srv.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
     add_engine_args(srv)
+    add_observability_args(srv)
     srv.set_defaults(func=cmd_serve)
 
-    from tokenmill.ops.cache_report import add_cache_report_parser
-    from tokenmill.train.default_model import add_train_parser
-
     add_cache_report_parser(sub)
+    add_tokens_parser(sub)
     add_train_parser(sub)
 
     tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight HF model directory (for tests)")

@@ -265,10 +265,11 @@ def _stats_body(engine: AsyncLLM, model_name: str, seconds: float | None) -> dic
     telemetry_info = None
     if telemetry is not None:
         gpus = {str(i): {"name": telemetry.names.get(i, ""), **v} for i, v in telemetry.latest.items()}
+        n = max(1, telemetry.samples)
         telemetry_info = {"interval_s": telemetry.interval, "samples": telemetry.samples,
                           "last_sample_ms": round(telemetry.last_sample_seconds * 1e3, 4),
-                          "mean_sample_ms": round(telemetry.sample_seconds_total / max(1, telemetry.samples) * 1e3,
-                                                  4)}
+                          "mean_sample_ms": round(telemetry.sample_seconds_total / n * 1e3, 4),
+                          "mean_sample_cpu_ms": round(telemetry.sample_cpu_seconds_total / n * 1e3, 4)}
     return {
         "model": model_name, "time": time.time(), "healthy": engine.healthy,
         "interval_s": live.interval if live else None,
