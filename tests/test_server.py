@@ -335,3 +335,10 @@ def test_return_token_ids(server, llama_llm):
     with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected.token_ids
+
+
+def test_sse_event_stays_one_line_with_unicode_line_separators():
+    from tokenmill.server.api_server import _LINE_BREAKS
+
+    text = json.dumps({"text": "a\u2028b\u2029c\x85d"}, ensure_ascii=False).translate(_LINE_BREAKS)
+    assert len(text.splitlines()) == 1 and json.loads(text)["text"] == "a\u2028b\u2029c\x85d"

@@ -74,6 +74,7 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tokenmill.bench.cli import add_bench_parsers
     from tokenmill.ops.cache_report import add_cache_report_parser
     from tokenmill.ops.tokens_cli import add_tokens_parser
     from tokenmill.ops.tracing import add_observability_args
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_observability_args(srv)
     srv.set_defaults(func=cmd_serve)
 
+    add_bench_parsers(sub)
     add_cache_report_parser(sub)
     add_tokens_parser(sub)
     add_train_parser(sub)

@@ -389,10 +389,16 @@ async def _until_disconnect(raw: Request, work) -> JSONResponse | Response:
     return Response(status_code=499)
 
 
+# Characters that many line readers (Python's str.splitlines, httpx's aiter_lines) treat as line
+# breaks: escaped so one SSE event always stays one line. Inside JSON they only occur in strings.
+# (json.dumps already escapes the C0 controls.)
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     async def body():
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(event, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
