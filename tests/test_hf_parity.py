@@ -93,3 +93,24 @@ def test_triton_kernels_match_torch_path(arch, tiny_model_dirs):
         for a, b in zip(ref.outputs[0].logprobs, got.outputs[0].logprobs):
             (ta, la), = a.items()
             assert la.logprob == pytest.approx(b[ta].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 0.02), ("bfloat16", 0.1)])
+def test_half_precision_tracks_float32_transformers(dtype, tol, llama_dir):
+    """16-bit weights and activations: every greedy token is float32 HF's argmax or within `tol` nats of it
+    (a near-tie broken the other way by rounding), and its logprob is within `tol` of HF's (teacher-forced)."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(str(llama_dir), dtype=dtype, num_kv_blocks=64, max_num_batched_tokens=24)
+    assert next(llm.llm_engine.core.runner.model.parameters()).dtype == getattr(torch, dtype)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    for out in llm.generate(PROMPTS, params):
+        got = out.outputs[0]
+        ids = out.prompt_token_ids + got.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        for i, token in enumerate(got.token_ids):
+            row = ref[len(out.prompt_token_ids) - 1 + i]
+            assert row.max() - row[token] <= tol, (dtype, out.prompt, i)
+            assert abs(got.logprobs[i][token].logprob - row[token].item()) <= tol, (dtype, out.prompt, i)

@@ -138,7 +138,7 @@ def test_step_timer_cuda_events_read_when_complete():
 def test_metrics_export_step_histograms():
     m = EngineMetrics("m")
     stats = SchedulerStats(num_running=3, num_prefill_tokens=10, num_decode_tokens=2, step_batch_size=3,
-                           step_scheduling_time=0.0002, step_duration=0.011, step_device_times=[0.01],
+                           kv_cache_usage=0.25, step_scheduling_time=0.0002, step_duration=0.011, step_device_times=[0.01],
                            step_idle_times=[0.0008], device_timing="wall")
     for _ in range(4):
         m.record_stats(stats, 100)
@@ -152,6 +152,9 @@ def test_metrics_export_step_histograms():
     assert value("tokenmill:step_batch_size_sum", labels) == 12
     assert value("tokenmill:step_prefill_tokens_sum", labels) == 40
     assert value("tokenmill:step_decode_tokens_sum", labels) == 8
+    assert value("tokenmill:step_kv_cache_usage_perc_sum", labels) == pytest.approx(1.0)
+    assert value("tokenmill:step_kv_cache_usage_perc_bucket", {**labels, "le": "0.2"}) == 0
+    assert value("tokenmill:step_kv_cache_usage_perc_bucket", {**labels, "le": "0.3"}) == 4
     m.sample_live()
     assert value("tokenmill:gpu_busy_fraction", labels) == pytest.approx(0.04 / (0.04 + 0.0032))
 

@@ -181,6 +181,9 @@ def test_stats_endpoint_and_step_metrics_under_load(server):
         assert f"tokenmill:{name}" in text, name
     assert server.metric("step_gpu_time_seconds_count") > 10
     assert 0 < server.metric("gpu_busy_fraction") <= 1
+    assert "tokenmill:step_kv_cache_usage_perc_bucket" in text
+    if not stats["gpus"]:   # without NVML the GPU gauges are absent, not zero
+        assert "tokenmill:gpu_power_watts" not in text and "tokenmill:gpu_temperature_celsius" not in text
 
 
 def referenced_metric_names(text: str) -> set[str]:

@@ -32,6 +32,27 @@ def test_batch_invariance_with_chunked_prefill(llama_dir):
     assert token_ids(batched_llm.generate(prompts, GREEDY)) == alone
 
 
+def test_requests_joining_between_steps_get_their_solo_output(llama_dir):
+    """Continuous batching: requests added while others are mid-prefill or mid-decode join the next
+    step, and every output equals the request's output alone."""
+    prompts = random_prompts(9, seed=3)
+    solo_llm = LLM(str(llama_dir), num_kv_blocks=256)
+    solo = [token_ids(solo_llm.generate([p], GREEDY))[0] for p in prompts]
+    engine = LLM(str(llama_dir), num_kv_blocks=256, max_num_batched_tokens=32).llm_engine
+    finished, steps, batch_sizes = {}, 0, []
+    waves = {0: range(0, 3), 2: range(3, 6), 9: range(6, 9)}   # step index -> requests arriving then
+    while waves or engine.has_unfinished_requests():
+        for i in waves.pop(steps, []):
+            engine.add_request(f"r{i}", prompts[i], GREEDY)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        batch_sizes.append(len(engine.core.scheduler.running))
+        steps += 1
+    assert [finished[f"r{i}"] for i in range(len(prompts))] == solo
+    assert max(batch_sizes) > 3   # the later waves really ran alongside the earlier requests
+
+
 def test_preemption_keeps_outputs(llama_dir):
     prompts = random_prompts(12, seed=1)
     roomy = LLM(str(llama_dir), num_kv_blocks=256)

@@ -138,8 +138,14 @@ def test_service_endpoints(server, llama_llm):
 
 def test_metrics_after_load(server, client):
     before = server.metric("generation_tokens_total")
-    client.completions.create(model="tiny", prompt="count me", max_tokens=7, temperature=0)
+    prompt_before, computed_before = server.metric("prompt_tokens_total"), server.metric("prefill_computed_tokens_total")
+    cached_before = server.metric("prefill_cached_tokens_total")
+    out = client.completions.create(model="tiny", prompt="count me, a prompt nobody sent before", max_tokens=7,
+                                    temperature=0)
     assert server.metric("generation_tokens_total") == before + 7
+    assert server.metric("prompt_tokens_total") == prompt_before + out.usage.prompt_tokens
+    cached = server.metric("prefill_cached_tokens_total") - cached_before
+    assert server.metric("prefill_computed_tokens_total") - computed_before == out.usage.prompt_tokens - cached
     text = httpx.get(server.url + "/metrics").text
     for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
@@ -277,6 +283,15 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(llama_dir):
         while server.metric("num_requests_running") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
+        # It stops accepting at once: a new request is refused while the in-flight stream still runs.
+        refused, deadline = None, time.monotonic() + 10
+        while refused is None and time.monotonic() < deadline:
+            try:
+                httpx.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 1}, timeout=5)
+                time.sleep(0.05)
+            except httpx.ConnectError:
+                refused = t.is_alive()
+        assert refused, "SIGTERM: new connections still accepted, or the in-flight stream ended first"
         t.join(60)
         assert server.proc.wait(60) == 0
         assert streamed and streamed[-1] == "data: [DONE]"
@@ -294,16 +309,27 @@ def test_engine_death_fails_requests_and_health(llama_dir):
             result["response"] = post(server, "/v1/completions",
                                       {"prompt": "doomed", "max_tokens": 1000, "ignore_eos": True})
 
-        t = threading.Thread(target=long_request)
-        t.start()
+        def long_stream():
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                              json={"prompt": "doomed too", "max_tokens": 1000, "ignore_eos": True,
+                                    "stream": True}) as r:
+                result["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        threads = [threading.Thread(target=long_request), threading.Thread(target=long_stream)]
+        for t in threads:
+            t.start()
         deadline = time.monotonic() + 10
-        while server.metric("num_requests_running") < 1 and time.monotonic() < deadline:
+        while server.metric("num_requests_running") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(server.engine_core_pid(), signal.SIGKILL)
-        t.join(15)
-        assert not t.is_alive(), "in-flight request hung after the engine died"
+        for t in threads:
+            t.join(15)
+            assert not t.is_alive(), "in-flight request hung after the engine died"
         response = result["response"]
         assert response.status_code == 500 and "engine" in response.json()["error"]["message"]
+        # the stream (already 200) ends with an OpenAI error event carrying the 500, then [DONE]
+        error = json.loads(result["stream"][-2][6:])["error"]
+        assert error["code"] == 500 and "engine" in error["message"] and result["stream"][-1] == "data: [DONE]"
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and "exited" in health.json()["error"]["message"]
         response = post(server, "/v1/completions", {"prompt": "new", "max_tokens": 2})
@@ -342,3 +368,62 @@ def test_sse_event_stays_one_line_with_unicode_line_separators():
 
     text = json.dumps({"text": "a\u2028b\u2029c\x85d"}, ensure_ascii=False).translate(_LINE_BREAKS)
     assert len(text.splitlines()) == 1 and json.loads(text)["text"] == "a\u2028b\u2029c\x85d"
+
+
+def test_serve_without_model_serves_the_default_model():
+    from tokenmill.models.default_model import default_model_dir
+
+    server = ServerProcess(None, "--num-kv-blocks", "128", "--max-model-len", "1024", name=None)
+    try:
+        (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+        assert model["id"] == str(default_model_dir())
+        body = {"model": model["id"], "prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}
+        assert post(server, "/v1/completions", body).json()["usage"]["completion_tokens"] == 8
+        assert f"tokenmill ready: {server.url}/v1" in server.log()   # the URL, printed when ready
+    finally:
+        server.stop()
+
+
+def test_no_prefix_caching_flag(llama_dir):
+    server = ServerProcess(llama_dir, "--num-kv-blocks", "64", "--no-prefix-caching")
+    try:
+        body = {"model": "tiny", "prompt": "The same long prompt, sent twice. " * 8, "max_tokens": 2}
+        for _ in range(2):
+            usage = post(server, "/v1/completions", body).json()["usage"]
+            assert usage["prompt_tokens"] > 32 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert server.metric("prefix_cache_hits_total") == 0
+    finally:
+        server.stop()
+
+
+def test_tokenization_runs_off_the_event_loop():
+    """A slow tokenization (here 0.5 s per prompt) must not stall the event loop that streams other
+    requests: a ticker on the loop keeps ticking while a batch of prompts is tokenized."""
+    import asyncio
+    import types
+
+    from tokenmill.engine.async_llm import AsyncLLM
+
+    class SlowTokenizer:
+        def encode(self, text, add_special_tokens=True):
+            time.sleep(0.5)   # stands in for a huge prompt; a blocking call, as the Rust tokenizer's is
+            return [len(text)]
+
+    engine = types.SimpleNamespace(tokenizer=SlowTokenizer())
+
+    async def go():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        ids = [await AsyncLLM.tokenize(engine, "x" * n) for n in (3, 4)]
+        task.cancel()
+        return ids, max(b - a for a, b in zip(ticks, ticks[1:]))
+
+    ids, longest_gap = asyncio.run(go())
+    assert ids == [[3], [4]] and longest_gap < 0.25

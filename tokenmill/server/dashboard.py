@@ -93,6 +93,9 @@ _PAGE = """<!DOCTYPE html>
   }
   window.addEventListener("error", (e) => recordError("error: " + (e.message || e.type)));
   window.addEventListener("unhandledrejection", (e) => recordError("unhandled rejection: " + String(e.reason)));
+  // console.error calls (ours or the browser's bindings) count too, not only uncaught errors
+  const consoleError = console.error.bind(console);
+  console.error = (...args) => { recordError("console.error: " + args.map(String).join(" ")); consoleError(...args); };
 
   const SVG = "http://www.w3.org/2000/svg";
   function el(name, attrs, text) {

@@ -32,6 +32,7 @@ STEP_TIME_BUCKETS = [0.0005, 0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.0
 STEP_IDLE_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.125,
                      0.25, 0.5, 1.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+KV_USAGE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 STEP_TOKEN_BUCKETS = [0, 1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 DETOKENIZE_BUCKETS = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
@@ -100,6 +101,8 @@ class EngineMetrics:
         self.step_batch_size = hist("step_batch_size", "Requests in a step.", BATCH_BUCKETS)
         self.step_prefill_tokens = hist("step_prefill_tokens", "Prefill tokens in a step.", STEP_TOKEN_BUCKETS)
         self.step_decode_tokens = hist("step_decode_tokens", "Decode tokens in a step.", STEP_TOKEN_BUCKETS)
+        self.step_kv_usage = hist("step_kv_cache_usage_perc", "Fraction of KV-cache blocks in use after a step "
+                                  "(0-1).", KV_USAGE_BUCKETS)
         self.gpu_busy = Gauge("tokenmill:gpu_busy_fraction", "Step device time / (device time + idle gaps) over "
                               "the steps of the last 10 s: the share of loaded wall time the device computed.",
                               labels, registry=r).labels(model_name)
@@ -158,6 +161,7 @@ class EngineMetrics:
             self.step_batch_size.observe(stats.step_batch_size)
             self.step_prefill_tokens.observe(stats.num_prefill_tokens)
             self.step_decode_tokens.observe(stats.num_decode_tokens)
+            self.step_kv_usage.observe(stats.kv_cache_usage)
         self.live.record_stats(stats)
 
     def render(self) -> bytes:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,19 +22,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`tokenmill serve --model MODEL_DIR --served-model-name NAME EXTRA...` on a free port, healthy on return."""
+    """`tokenmill serve --model MODEL_DIR --served-model-name NAME EXTRA...` on a free port, healthy on return.
+    model_dir None: no --model (the default model); name None: no --served-model-name."""
 
-    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 120.0, name: str = "tiny",
+    def __init__(self, model_dir: Path | None, *extra: str, startup_timeout: float = 120.0, name: str | None = "tiny",
                  log_path: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(model_dir).parent / f"server-{self.port}.log"
+        log_dir = Path(model_dir).parent if model_dir is not None else Path(tempfile.gettempdir())
+        self.log_path = Path(log_path) if log_path else log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.started = time.monotonic()
+        model = ["--model", str(model_dir)] if model_dir is not None else []
+        served = ["--served-model-name", name] if name is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--served-model-name", name, *extra],
+            [sys.executable, "-m", "tokenmill", "serve", *model, "--port", str(self.port), *served, *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:

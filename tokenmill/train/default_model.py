@@ -115,8 +115,9 @@ def run_train_default(args: argparse.Namespace) -> int:
         info = dict(results[name], description=description, vocab_size=vocab, corpus=corpus_text,
                     device_name=device_name, seed=args.seed, unigram_loss=unigram, command=command)
         other = DRAFT_NAME if name == MAIN_NAME else MAIN_NAME
-        info["other"] = (f"{other}: held-out loss {results[other]['heldout_loss']:.3f} "
-                         f"({results[other]['params'] / 1e6:.2f}M parameters).")
+        info["other"] = (f"{other}: held-out loss {results[other]['heldout_loss']:.3f} nats/token (perplexity "
+                         f"{math.exp(results[other]['heldout_loss']):.1f}; {results[other]['params'] / 1e6:.2f}M "
+                         "parameters).")
         info["samples"] = greedy_samples(out / name, SAMPLE_PROMPTS + [corpus.heldout[0][:300]] if corpus.heldout
                                          else SAMPLE_PROMPTS, device)
         (out / name / "README.md").write_text(model_card(name, info))
