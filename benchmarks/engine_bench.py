@@ -134,7 +134,9 @@ def hf_latency(hf, prompt: list[int], new_tokens: int) -> dict:
     ids = torch.tensor([prompt], device="cuda")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static")
-    hf.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    # Warm-up with the same lengths: the static cache's size (prompt + new tokens) is part of what
+    # generate compiles for, so a shorter warm-up left the compilation inside the timed call.
+    hf.generate(ids, **kwargs)
     sync()
     start = time.perf_counter()
     hf.generate(ids, **kwargs)
@@ -166,6 +168,8 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's (on for CUDA)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--out", default=".")
@@ -181,7 +185,7 @@ def main() -> int:
     llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device,
               max_model_len=args.long_prompt + args.output_len + 16, gpu_memory_utilization=0.6,
               max_num_seqs=args.requests, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     core = llm.llm_engine.core
     result["startup_s"] = time.perf_counter() - start
     result["cuda_graph_capture_s"] = core.cuda_graph_capture_seconds
@@ -189,7 +193,14 @@ def main() -> int:
     vocab = cfg["vocab_size"]
     prompt = lambda n: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
 
-    timed_single(llm, prompt(128), 16)  # warm-up
+    # Warm-up of every kernel variant the timed runs use (Triton compiles on first use: on a fresh
+    # machine that is seconds, and it must not land inside a timed run): short and long prefills,
+    # decode, and a small batch of the throughput shape with mixed prefill + decode steps.
+    timed_single(llm, prompt(128), 16)
+    if not args.skip_latency:
+        timed_single(llm, prompt(args.long_prompt), 4)
+    llm.generate([prompt(args.input_len) for _ in range(min(32, args.requests))],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False))
     latency = []
     for prompt_len in () if args.skip_latency else (128, args.long_prompt):
         run = timed_single(llm, prompt(prompt_len), args.output_len)

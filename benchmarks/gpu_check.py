@@ -65,7 +65,13 @@ def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
     for arch in ARCHITECTURES:
         model_dir = build_tiny_model(root / arch, arch, seed=1)
         llm = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32)
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0))
+        params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
+        outs = llm.generate(PROMPTS, params)
+        # The same engine with steps run one at a time (no async scheduling): identical tokens.
+        sync = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
+                   async_scheduling=False)
+        sync_ids = [o.outputs[0].token_ids for o in sync.generate(PROMPTS, params)]
+        del sync
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         for prompt_index, out in enumerate(outs):
             ref_ids, ref_lp, margins = hf_greedy(hf, out.prompt_token_ids, steps, device)
@@ -75,6 +81,8 @@ def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
                           default=0.0)
             gap = hf_teacher_forced_gap(hf, out.prompt_token_ids, got.token_ids, device)
             rows.append(dict(arch=arch, prompt=prompt_index, matching_tokens=same, steps=steps,
+                             async_scheduling=llm.llm_engine.core.async_scheduling,
+                             async_equals_sync=got.token_ids == sync_ids[prompt_index],
                              max_logprob_diff=lp_diff, teacher_forced_max_gap=gap,
                              hf_margin_at_divergence=margins[same] if same < steps else None))
         del llm, hf
@@ -149,6 +157,9 @@ def main() -> int:
         gap = "" if row["hf_margin_at_divergence"] is None else f"{row['hf_margin_at_divergence']:.4f}"
         print(f"{row['arch']:8} {row['prompt']:>6} {row['matching_tokens']:>4}/{row['steps']:<4} "
               f"{row['max_logprob_diff']:>14.2e} {gap:>27} {row['teacher_forced_max_gap']:>19.4f}")
+    rows = result["tiny"]
+    print(f"async scheduling on: {all(r['async_scheduling'] for r in rows)}; tokens identical to synchronous "
+          f"steps: {sum(r['async_equals_sync'] for r in rows)}/{len(rows)} prompts")
     if "llama_8b_shape" in result:
         r = result["llama_8b_shape"]
         print(f"8B shape: {r['completed']}/{r['num_requests']} requests completed, {r['output_tokens']} tokens "

@@ -7,7 +7,13 @@ servers (caching on, then --no-prefix-caching); report TTFT p50/p99 and prefill 
 The cached run writes a request log; `tokenmill cache-report` then compares the achieved hit rate
 with LRU and Belady at the same KV capacity.
 
+`--workload agent` replaces the scripted conversations with `tokenmill bench`'s agent archetype
+(shared tool-definition prefixes in groups, context growing over 3-8 turns, long outputs), scaled by
+`--length-scale`, `--bench-requests` requests from `--concurrency` closed-loop users.
+
     python benchmarks/prefix_cache_bench.py --shape llama-8b --out DIR
+    python benchmarks/prefix_cache_bench.py --workload agent --bench-requests 64 --concurrency 8 \
+        --kv-blocks 1024 --max-model-len 8192 --out DIR
 """
 
 from __future__ import annotations
@@ -57,6 +63,19 @@ async def run_workload(url: str, args, vocab: int) -> list[dict]:
     return results
 
 
+async def run_agent_archetype(url: str, args) -> list[dict]:
+    """The agent archetype through tokenmill bench, as records in run_workload's shape."""
+    from tokenmill.bench.client import Target
+    from tokenmill.bench.runner import Bench
+    from tokenmill.bench.workload import archetype
+
+    workload = archetype("agent").scaled(args.length_scale)
+    async with Bench(Target(url), workload, seed=0, warmup=0) as bench:
+        run = await bench.concurrency(args.concurrency, n=args.bench_requests)
+    return [{"ok": r.ok, "ttft": r.ttft, "prompt_tokens": r.input_tokens, "cached_tokens": r.cached_tokens or 0,
+             "tpot": r.tpot or 0.0} for r in run.records]
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -75,7 +94,8 @@ def run_once(model_dir: Path, args, caching: bool, out: Path) -> dict:
     server = ServerProcess(model_dir, *extra, name="bench", startup_timeout=600,
                            log_path=out / f"prefix_cache_server_{name}.log")
     try:
-        results = asyncio.run(run_workload(server.url, args, SHAPES[args.shape]["vocab_size"]))
+        results = asyncio.run(run_agent_archetype(server.url, args) if args.workload == "agent" else
+                              run_workload(server.url, args, SHAPES[args.shape]["vocab_size"]))
         computed = server.metric("prefill_computed_tokens_total")
         hits = server.metric("prefix_cache_hits_total")
         queries = server.metric("prefix_cache_queries_total")
@@ -102,6 +122,10 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-blocks", type=int, default=1024, help="KV capacity in 16-token blocks (both runs)")
+    parser.add_argument("--workload", choices=["scripted", "agent"], default="scripted",
+                        help="agent: tokenmill bench's agent archetype instead of the scripted conversations")
+    parser.add_argument("--bench-requests", type=int, default=64, help="agent workload: requests per run")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="agent workload: token-length scale")
     parser.add_argument("--out", default=".")
     parser.add_argument("serve_args", nargs="*", help="extra flags for tokenmill serve (after --)")
     args = parser.parse_args()
@@ -112,8 +136,9 @@ def main() -> int:
     uncached = run_once(model_dir, args, False, out)
     report = subprocess.run([sys.executable, "-m", "tokenmill", "cache-report", cached["request_log"],
                              "--capacity-tokens", str(args.kv_blocks * 16)], capture_output=True, text=True)
-    result = {"workload": {k: getattr(args, k) for k in ("shape", "conversations", "concurrency", "turns",
-                                                          "system_len", "user_len", "output_len", "kv_blocks")},
+    result = {"workload": {k: getattr(args, k) for k in ("workload", "shape", "conversations", "concurrency", "turns",
+                                                          "system_len", "user_len", "output_len", "kv_blocks",
+                                                          "bench_requests", "length_scale", "max_model_len")},
               "cached": cached, "uncached": uncached, "cache_report": report.stdout + report.stderr,
               "ttft_p50_speedup": uncached["ttft_p50"] / cached["ttft_p50"] if cached["ttft_p50"] else None}
     (out / "prefix_cache_bench.json").write_text(json.dumps(result, indent=2))

@@ -221,6 +221,7 @@ def run_to_end(s: Scheduler, request: Request, token: int = 7):
     outputs = []
     while s.has_unfinished_requests():
         out = s.schedule_step()
+        s.mark_launched(out)
         outputs += s.update_from_output(out, [SampledToken(token) if c.samples else None for c in out.chunks])
     return outputs
 
@@ -270,6 +271,7 @@ def test_resumed_request_hits_its_own_blocks_and_counts_as_a_query():
     while s.has_unfinished_requests():
         out = s.schedule_step()
         preempted |= out.num_preemptions > 0
+        s.mark_launched(out)
         s.update_from_output(out, [SampledToken(7) if c.samples else None for c in out.chunks])
     assert preempted and b.num_preemptions == 1  # b (latest) yielded its blocks
     # b was resumed with prompt + outputs; what it found cached counts as a hit, but its

@@ -89,6 +89,7 @@ def request(rid, num_prompt, max_tokens=4):
 
 def run_step(scheduler):
     out = scheduler.schedule_step()
+    scheduler.mark_launched(out)
     sampled = [SampledToken(1) if c.samples else None for c in out.chunks]
     return out, scheduler.update_from_output(out, sampled)
 

@@ -195,6 +195,9 @@ class EngineConfig:
     # "torch" = the reference path everywhere; "triton" = Triton (on CPU only under TRITON_INTERPRET=1).
     kernel_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they need the Triton kernels on CUDA)
+    # Schedule and queue step N+1 before reading step N's tokens back (EngineCore.step). None = on
+    # when the device is CUDA (where host and device run in parallel), off on the CPU.
+    async_scheduling: bool | None = None
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model directory
 
@@ -217,6 +220,9 @@ class EngineConfig:
             raise ValueError(f"request_log_max_bytes must be >= 1, got {self.request_log_max_bytes}")
         if self.request_log_backup_count < 0:
             raise ValueError(f"request_log_backup_count must be >= 0, got {self.request_log_backup_count}")
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else bool(self.async_scheduling)
 
     def resolve_device(self) -> torch.device:
         if self.device:

@@ -55,6 +55,9 @@ class EngineCore:
                             enable_prefix_caching=engine_config.enable_prefix_caching),
             KVCacheManager(num_blocks, block_size, enable_prefix_caching=engine_config.enable_prefix_caching))
         self.total_preemptions = 0
+        # Async scheduling (see `step`): the step queued on the device whose tokens are not read yet.
+        self.async_scheduling = engine_config.resolve_async_scheduling(self.device)
+        self._in_flight = None
         # One INFO line per request when it arrives and when it leaves, tagged with its trace id
         # (the server turns this on; offline LLM.generate keeps it off). Not per step.
         self.log_requests = False
@@ -77,6 +80,9 @@ class EngineCore:
 
     def abort_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            self._complete(*self._in_flight)  # only finished requests in it: nothing left to report
+            self._in_flight = None
         if self.log_requests:
             for request_id in request_ids:
                 self._log_finished(request_id, status.value)
@@ -94,32 +100,55 @@ class EngineCore:
         queue = (request.scheduled_time - request.arrival_time) if request.scheduled_time else None
         logger.info("request %s finished (%s): %d prompt tokens (%d cached), %d output tokens, %d preemptions; "
                     "queue %s, in engine %.1f ms", request_id, reason, request.num_prompt_tokens,
-                    request.num_cached_tokens or 0, request.num_output_tokens, request.num_preemptions,
+                    request.num_cached_tokens or 0, request.num_output_tokens - request.num_pending_tokens,
+                    request.num_preemptions,
                     "-" if queue is None else f"{queue * 1e3:.1f} ms", (now - request.arrival_time) * 1e3,
                     extra={"request_id": trace, "fields": {
                         "engine_request_id": request_id, "finish_reason": reason,
                         "prompt_tokens": request.num_prompt_tokens,
                         "cached_prompt_tokens": request.num_cached_tokens or 0,
-                        "output_tokens": request.num_output_tokens, "preemptions": request.num_preemptions,
+                        "output_tokens": request.num_output_tokens - request.num_pending_tokens,
+                        "preemptions": request.num_preemptions,
                         "queue_ms": None if queue is None else round(queue * 1e3, 3),
                         "engine_ms": round((now - request.arrival_time) * 1e3, 3)}})
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+
+    def _needs_sync(self) -> bool:
+        """Penalties sample from a request's output history on the host: a step that has one with
+        a pending token must wait for it, so such batches run synchronously."""
+        return any(r.sampling_params.uses_penalties for r in self.scheduler.running)
 
     def step(self) -> EngineCoreOutputs:
-        """Schedule, run the model, update the requests. Returns the new tokens of this step, with
-        the engine's state and the step's timings in `stats`."""
+        """Schedule, run the model, update the requests. Returns the tokens that became known in
+        this call, with the engine's state and the step's timings in `stats`.
+
+        With async scheduling, step N+1 is scheduled and queued on the device before step N's
+        tokens are read back: the host's work (scheduling, input preparation, updating requests,
+        sending outputs) overlaps the device's, and each call returns the previous step's tokens.
+        Decode inputs not yet known are placeholders filled on the device; a request found finished
+        in step N's tokens wastes its row of step N+1."""
         start = time.perf_counter()
+        outputs = []
+        overlap = self.async_scheduling and not self._needs_sync()
+        if not overlap and self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)  # the scheduler needs every token first
+            self._in_flight = None
+        scheduling_start = time.perf_counter()
         scheduled = self.scheduler.schedule_step()
-        scheduling = time.perf_counter() - start
-        sampled = self.runner.execute(scheduled)
-        outputs = self.scheduler.update_from_output(scheduled, sampled)
+        scheduling = time.perf_counter() - scheduling_start
         self.total_preemptions += scheduled.num_preemptions
-        if self._traced:
-            for out in outputs:
-                if out.finish_reason is not None:
-                    self._log_finished(out.request_id, out.finish_reason)
+        previous = self._in_flight[1] if self._in_flight is not None else None
+        launched = self.runner.launch(scheduled, previous)
+        self.scheduler.mark_launched(scheduled)
+        if self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)
+            self._in_flight = None
+        if overlap and not scheduled.is_empty:
+            self._in_flight = (scheduled, launched)
+        else:
+            outputs += self._complete(scheduled, launched)
         stats = self.scheduler.stats(scheduled.num_preemptions, scheduled)
         stats.step_batch_size = len(scheduled.chunks)
         stats.step_scheduling_time = scheduling
@@ -127,3 +156,12 @@ class EngineCore:
         stats.device_timing = self.runner.step_timer.kind
         stats.step_duration = time.perf_counter() - start
         return EngineCoreOutputs(outputs=outputs, stats=stats)
+
+    def _complete(self, scheduled, launched) -> list:
+        """Wait for a launched step's tokens and hand them to the scheduler."""
+        outputs = self.scheduler.update_from_output(scheduled, launched.result())
+        if self._traced:
+            for out in outputs:
+                if out.finish_reason is not None:
+                    self._log_finished(out.request_id, out.finish_reason)
+        return outputs

@@ -193,7 +193,7 @@ class KVCacheManager:
         """The request's chained block hashes for its full blocks (or the first `num_blocks`),
         computed once and kept on the request (tokens are only ever appended)."""
         hashes = request.block_hashes
-        full = request.num_tokens // self.block_size
+        full = request.num_known_tokens // self.block_size  # a pending token's id is not known yet
         want = full if num_blocks is None else min(num_blocks, full)
         if len(hashes) < want:
             tokens, bs = request.all_token_ids, self.block_size
@@ -254,8 +254,10 @@ class KVCacheManager:
         if need > 0:
             table.extend(b.block_id for b in self.block_pool.get_new_blocks(need))
         if self.enable_prefix_caching:
-            # Draft tokens beyond num_tokens may be rejected: only real tokens make a block full.
-            self._cache_full_blocks(request, min(num_computed + num_new_tokens, request.num_tokens))
+            # Draft tokens beyond num_tokens may be rejected, and the ids of pending tokens (async
+            # scheduling) are not known yet: only known tokens make a block full. Blocks passed over
+            # here are registered by a later call, once their tokens are known.
+            self._cache_full_blocks(request, min(num_computed + num_new_tokens, request.num_known_tokens))
         return True
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from tokenmill.sampling_params import SamplingParams
 
 
+# The id of a token still being sampled on the device (never a real token id).
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -54,6 +58,10 @@ class Request:
     # Timestamps (monotonic seconds) for metrics.
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Async scheduling: output tokens still being sampled on the device by a launched step. Each is a
+    # PLACEHOLDER at the end of output_token_ids / all_token_ids until the step's result arrives;
+    # the model runner reads the real id from that step's token tensor on the device.
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -74,3 +82,21 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all but the pending placeholders)."""
+        return len(self.all_token_ids) - self.num_pending_tokens
+
+    def append_placeholder(self) -> None:
+        """A token a launched step is sampling: its id is filled in by `resolve_placeholder`."""
+        self.append_output_token(PLACEHOLDER)
+        self.num_pending_tokens += 1
+
+    def resolve_placeholder(self, token_id: int) -> int:
+        """Fill in the oldest pending token; returns its index in output_token_ids."""
+        index = self.num_output_tokens - self.num_pending_tokens
+        self.output_token_ids[index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
+        self.num_pending_tokens -= 1
+        return index

@@ -134,6 +134,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._awaiting_finish(request):
+                index += 1
+                continue
             num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
@@ -178,6 +181,26 @@ class Scheduler:
             self.prefill_computed_tokens += chunk.num_prefill_tokens
         return out
 
+    def _awaiting_finish(self, request: Request) -> bool:
+        """Async scheduling: the tokens being sampled for it already reach max_tokens or
+        max_model_len, so it finishes when they arrive; scheduling it again would be wasted."""
+        if not request.num_pending_tokens:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return (max_tokens is not None and request.num_output_tokens >= max_tokens) \
+            or request.num_tokens >= self.config.max_model_len
+
+    def mark_launched(self, scheduled: SchedulerOutput) -> None:
+        """The step is queued on the device: its tokens count as computed, and each sampling chunk's
+        next token is a placeholder until `update_from_output` gets its id. With async scheduling the
+        next step is scheduled before that happens (its decode rows then compute the placeholders,
+        whose ids the model runner reads from this step's result on the device)."""
+        for chunk in scheduled.chunks:
+            request = chunk.request
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            if chunk.samples:
+                request.append_placeholder()
+
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(request, start, num_new, self.kv.get_block_table(request.request_id),
@@ -185,24 +208,26 @@ class Scheduler:
 
     def update_from_output(self, scheduled: SchedulerOutput,
                            sampled: list[SampledToken | None]) -> list[EngineCoreOutput]:
-        """Advance each scheduled request by what ran; append sampled tokens and stop requests
-        that hit EOS, a stop token, max_tokens or max_model_len."""
+        """Fill in the tokens a launched step (see `mark_launched`) sampled and stop requests that
+        hit EOS, a stop token, max_tokens or max_model_len. A request preempted since the step was
+        launched keeps its token (it is recomputed with it); one that finished meanwhile (abort,
+        stop string, or a stop found in the previous step's result) ignores it."""
         outputs = []
         now = time.monotonic()
         for chunk, token in zip(scheduled.chunks, sampled):
             request = chunk.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # finished from outside while the step ran
-            request.num_computed_tokens = chunk.start + chunk.num_tokens
-            if token is None:
+            if token is None or request.status.finished:
                 continue
-            request.append_output_token(token.token_id)
+            index = request.resolve_placeholder(token.token_id)
             first = request.first_token_time is None
             if first:
                 request.first_token_time = now
-            status = self._check_stop(request, token.token_id)
+            status = self._check_stop(request, token.token_id, index + 1)
             if status is not None:
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 self._finish(request, status)
             outputs.append(EngineCoreOutput(
                 request_id=request.request_id,
@@ -215,17 +240,18 @@ class Scheduler:
             ))
         return outputs
 
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+    def _check_stop(self, request: Request, token_id: int, num_output: int) -> RequestStatus | None:
+        """Stop after `token_id`, the request's `num_output`-th output token?"""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        if request.num_prompt_tokens + num_output >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -23,6 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and queue the next step before reading this step's tokens back, so the host "
+                        "never makes the device wait (default: on for CUDA, off on CPU)")
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, PyTorch elsewhere (default)")
     g.add_argument("--request-log", default=None, metavar="PATH",
@@ -38,6 +41,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format,
                 enable_prefix_caching=not args.no_prefix_caching, request_log_path=args.request_log,
                 enforce_eager=args.enforce_eager, kernel_backend=args.kernel_backend,
+                async_scheduling=args.async_scheduling,
                 request_log_max_bytes=args.request_log_max_bytes)
 
 

@@ -22,6 +22,44 @@ from tokenmill.worker.cuda_graphs import DecodeGraphs, default_capture_sizes
 logger = logging.getLogger(__name__)
 
 
+class LaunchedStep:
+    """A step queued on the device. `tokens` (sampled ids, one row per sampling chunk, on the device)
+    feed the next step's pending inputs; `result()` waits for them on the host."""
+
+    def __init__(self, order: list[int], chunks: list[ScheduledChunk], tokens: torch.Tensor | None,
+                 logprobs: list | None = None):
+        self.order, self.chunks, self.tokens, self.logprobs = order, chunks, tokens, logprobs
+        self.rows: dict[str, int] = {}
+        self._host = self._ready = None
+        if tokens is None:
+            return
+        self.rows = {c.request.request_id: row for row, c in enumerate(c for c in chunks if c.samples)}
+        if tokens.is_cuda:  # start the copy now; result() then waits for this step only, not the next
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> list[SampledToken | None]:
+        """One SampledToken (or None) per chunk, in the order of the scheduler's chunks."""
+        results: list[SampledToken | None] = [None] * len(self.chunks)
+        if self.tokens is not None:
+            if self._ready is not None:
+                self._ready.synchronize()
+                token_list = self._host.tolist()
+            else:
+                token_list = self.tokens.tolist()
+            row = 0
+            for position, chunk in enumerate(self.chunks):
+                if chunk.samples:
+                    results[position] = SampledToken(token_list[row], self.logprobs[row] if self.logprobs else None)
+                    row += 1
+        unsorted: list[SampledToken | None] = [None] * len(self.chunks)
+        for position, original in enumerate(self.order):
+            unsorted[original] = results[position]
+        return unsorted
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, *, device: torch.device,
                  dtype: torch.dtype, max_model_len: int):
@@ -114,16 +152,23 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def execute(self, scheduled: SchedulerOutput) -> list[SampledToken | None]:
+        """Run one step and wait for it: one SampledToken (or None) per chunk, in chunk order."""
+        return self.launch(scheduled).result()
+
+    @torch.no_grad()
+    def launch(self, scheduled: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step on the device without waiting for it. Input tokens that are still
+        placeholders (async scheduling: sampled by `previous`, which is in flight) are read from
+        `previous`'s token tensor on the device. The only host-device sync is `result()`."""
         for request_id in scheduled.finished_request_ids:
             self.generators.pop(request_id, None)
         if scheduled.is_empty:
-            return []
+            return LaunchedStep([], [], None)
         # Single-token chunks first: attention treats them as one batched decode group.
         order = sorted(range(len(scheduled.chunks)), key=lambda i: scheduled.chunks[i].num_tokens != 1)
         chunks = [scheduled.chunks[i] for i in order]
-        input_ids, positions, meta, logits_rows = self._prepare_inputs(chunks)
+        input_ids, positions, meta, logits_rows = self._prepare_inputs(chunks, previous)
         self.step_timer.start()
         if self.decode_graphs is not None and meta.num_decodes == len(chunks) \
                 and self.decode_graphs.can_run(len(chunks)):
@@ -132,38 +177,37 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         sampling_chunks = [c for c in chunks if c.samples]
-        results: list[SampledToken | None] = [None] * len(chunks)
-        if sampling_chunks:
-            all_rows = len(sampling_chunks) == len(chunks) == hidden.shape[0]  # pure decode: no gather
-            logits = self.model.compute_logits(hidden if all_rows else hidden[logits_rows])
-            if all(_plain_greedy(c) for c in sampling_chunks):
-                tokens, logprobs = logits.argmax(dim=-1), None  # no per-row tensors to build
-            else:
-                tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
-            self.step_timer.stop()  # before the sync below, which completes the end event
-            token_list = tokens.tolist()
-            row = 0
-            for index, chunk in enumerate(chunks):
-                if chunk.samples:
-                    results[index] = SampledToken(token_list[row], logprobs[row] if logprobs else None)
-                    row += 1
-        else:
+        if not sampling_chunks:
             self.step_timer.stop()
-        unsorted: list[SampledToken | None] = [None] * len(chunks)
-        for position, original in enumerate(order):
-            unsorted[original] = results[position]
-        return unsorted
+            return LaunchedStep(order, chunks, None)
+        all_rows = len(sampling_chunks) == len(chunks) == hidden.shape[0]  # pure decode: no gather
+        logits = self.model.compute_logits(hidden if all_rows else hidden[logits_rows])
+        if all(_plain_greedy(c) for c in sampling_chunks):
+            tokens, logprobs = logits.argmax(dim=-1), None  # no per-row tensors to build
+        else:
+            tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
+        self.step_timer.stop()
+        return LaunchedStep(order, chunks, tokens, logprobs)
 
-    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
+    def _prepare_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None = None):
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens, query_lens, query_start = [], [], [0]
         logits_rows = []
+        pending_at, pending_rows = [], []  # input positions holding a placeholder, rows of previous.tokens
         block_size = self.block_size
         for chunk in chunks:
             end = chunk.start + chunk.num_tokens
-            input_ids.extend(chunk.request.all_token_ids[chunk.start:end])
+            request = chunk.request
+            if request.num_pending_tokens and end > request.num_known_tokens:
+                # Only a decode's last token can be pending: the one the step in flight samples.
+                if previous is None or request.request_id not in previous.rows:
+                    raise RuntimeError(f"request {request.request_id}: input token pending without the "
+                                       "step that samples it")
+                pending_at.append(len(input_ids) + chunk.num_tokens - 1)
+                pending_rows.append(previous.rows[request.request_id])
+            input_ids.extend(request.all_token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
             table = chunk.block_ids
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
@@ -176,9 +220,13 @@ class ModelRunner:
         tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
         # Two host-to-device copies per step (one per dtype), from pinned memory without a sync,
         # instead of one blocking copy per tensor.
-        num_tokens, num_reqs = len(input_ids), len(chunks)
-        longs = self._to_device(input_ids + positions + slots + logits_rows, torch.long)
+        num_tokens, num_reqs, num_rows = len(input_ids), len(chunks), len(logits_rows)
+        longs = self._to_device(input_ids + positions + slots + logits_rows + pending_at + pending_rows, torch.long)
         ints = self._to_device(seq_lens + query_start + [b for t in tables for b in t], torch.int32)
+        ids = longs[:num_tokens]
+        if pending_at:   # on the device, in stream order after the step that samples them
+            tail = longs[3 * num_tokens + num_rows:]
+            ids.index_copy_(0, tail[:len(pending_at)], previous.tokens.index_select(0, tail[len(pending_at):]))
         meta = AttentionMetadata(
             slot_mapping=longs[2 * num_tokens:3 * num_tokens],
             block_tables=ints[2 * num_reqs + 1:].view(num_reqs, max_blocks),
@@ -186,7 +234,7 @@ class ModelRunner:
             query_start_loc=ints[num_reqs:2 * num_reqs + 1],
             seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
             num_decodes=sum(1 for n in query_lens if n == 1))
-        return longs[:num_tokens], longs[num_tokens:2 * num_tokens], meta, longs[3 * num_tokens:]
+        return ids, longs[num_tokens:2 * num_tokens], meta, longs[3 * num_tokens:3 * num_tokens + num_rows]
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -248,8 +296,8 @@ class ModelRunner:
 def _plain_greedy(chunk: ScheduledChunk) -> bool:
     """Greedy with nothing that changes or reports the distribution: argmax is the whole sampler."""
     sp = chunk.request.sampling_params
-    return (sp.greedy and sp.logprobs is None and sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0
-            and sp.frequency_penalty == 0.0 and chunk.request.num_output_tokens >= sp.min_tokens)
+    return (sp.greedy and sp.logprobs is None and not sp.uses_penalties
+            and chunk.request.num_output_tokens >= sp.min_tokens)
 
 
 def _dummy_sampling_metadata(rows: int, vocab_size: int, device: torch.device) -> SamplingMetadata:
