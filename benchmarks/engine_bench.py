@@ -102,6 +102,23 @@ def timed_single(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
             "decode_tok_s": (new_tokens - 1) / (end - first), "end_to_end_tok_s": new_tokens / (end - start)}
 
 
+def record_steps(core) -> list:
+    """Wrap core.step to record each step's (prefill tokens, decode tokens) and, in order, the device
+    times the step timer reports (one list per call; a step's time may arrive with the next call)."""
+    kinds: list[tuple[int, int]] = []
+    times: list = [kinds]
+    original = core.step
+
+    def step():
+        out = original()
+        kinds.append((out.stats.num_prefill_tokens, out.stats.num_decode_tokens))
+        times.append(out.stats.step_device_times)
+        return out
+
+    core.step = step
+    return times
+
+
 def hf_from_engine(llm: LLM, cfg: dict, attn: str):
     """An HF LlamaForCausalLM holding exactly the engine's weights (fused tensors split back)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -212,16 +229,29 @@ def main() -> int:
 
     prompts = [prompt(args.input_len) for _ in range(args.requests)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    steps = record_steps(core)
     sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     sync()
     wall = time.perf_counter() - start
+    core.step = type(core).step.__get__(core)  # stop recording
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prefill_bound = args.requests * prefill_flops(m, args.input_len) / ceilings["matmul_flops_per_s"]
     decode_bytes = sum(decode_step_bytes(m, args.requests * (args.input_len + step))
                        for step in range(args.output_len))
     decode_bound = decode_bytes / ceilings["copy_bytes_per_s"]
+    # Where the job's time went: device time of the steps that carried prefill tokens and of the
+    # pure-decode steps, against the wall time (the rest: the device waiting for the host).
+    steps.append(core.runner.step_timer.collect()[0])  # the last step's time completes after the loop
+    device = [t for times in steps[1:] for t in times] if steps else []
+    kinds = steps[0] if steps else []
+    prefill_steps = sum(1 for p, _ in kinds if p)
+    result["throughput_steps"] = {
+        "steps": len(kinds), "steps_with_prefill": prefill_steps, "device_s": sum(device),
+        "device_s_steps_with_prefill": sum(t for (p, _), t in zip(kinds, device) if p),
+        "device_s_decode_steps": sum(t for (p, _), t in zip(kinds, device) if not p),
+        "mean_decode_batch": sum(d for p, d in kinds if not p) / max(1, sum(1 for p, _ in kinds if not p))}
     result["throughput"] = {
         "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len, "wall_s": wall,
         "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + args.requests * args.input_len) / wall,
@@ -257,6 +287,11 @@ def main() -> int:
     print(f"throughput {t['requests']} x ({t['input_len']} in, {t['output_len']} out): {t['output_tok_s']:.0f} out tok/s, "
           f"{t['total_tok_s']:.0f} total tok/s, {t['wall_s']:.1f} s vs roofline {t['roofline_s']:.1f} s "
           f"({t['fraction_of_roofline']:.0%})")
+    st = result["throughput_steps"]
+    print(f"  steps: {st['steps']} ({st['steps_with_prefill']} with prefill); device time {st['device_s']:.2f} s of "
+          f"{t['wall_s']:.2f} s wall: steps with prefill {st['device_s_steps_with_prefill']:.2f} s (roofline "
+          f"{t['roofline_prefill_s']:.2f}), decode steps {st['device_s_decode_steps']:.2f} s (roofline "
+          f"{t['roofline_decode_s']:.2f}, mean batch {st['mean_decode_batch']:.0f})")
     for key in ("hf_latency_128", "hf_throughput", "hf_error"):
         if key in result:
             print(f"{key}: {result[key]}")

@@ -163,7 +163,7 @@ def main() -> int:
     if "llama_8b_shape" in result:
         r = result["llama_8b_shape"]
         print(f"8B shape: {r['completed']}/{r['num_requests']} requests completed, {r['output_tokens']} tokens "
-              f"in {r['wall_s']:.1f} s ({r['output_tok_s']:.0f} tok/s, PyTorch path), start-up {r['startup_s']:.1f} s, "
+              f"in {r['wall_s']:.1f} s ({r['output_tok_s']:.0f} tok/s, first-use kernel compilation included), start-up {r['startup_s']:.1f} s, "
               f"KV {r['kv_tokens']} tokens, preemptions {r['preemptions']}, "
               f"alone-vs-batch agreement {r['first_request_alone_vs_batch_agreeing_tokens']}/{r['max_tokens']}, "
               f"peak {r['peak_memory_gib']:.1f} GiB, batch-1 decode {r['batch1_tok_s']:.1f} tok/s (128 in, 128 out)")

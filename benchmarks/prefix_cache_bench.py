@@ -99,13 +99,14 @@ def run_once(model_dir: Path, args, caching: bool, out: Path) -> dict:
         computed = server.metric("prefill_computed_tokens_total")
         hits = server.metric("prefix_cache_hits_total")
         queries = server.metric("prefix_cache_queries_total")
+        preemptions = server.metric("num_preemptions_total")
     finally:
         server.stop()
     ok = [r for r in results if r["ok"]]
     ttfts = [r["ttft"] for r in ok]
     return {"caching": caching, "requests": len(results), "completed": len(ok),
             "prompt_tokens": sum(r["prompt_tokens"] for r in ok), "prefill_computed_tokens": computed,
-            "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_queries": queries, "prefix_cache_hits": hits, "preemptions": preemptions,
             "cached_tokens_reported": sum(r["cached_tokens"] for r in ok),
             "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
             "tpot_mean": sum(r["tpot"] for r in ok) / max(1, len(ok)), "request_log": str(log_path)}
@@ -126,6 +127,7 @@ def main() -> int:
                         help="agent: tokenmill bench's agent archetype instead of the scripted conversations")
     parser.add_argument("--bench-requests", type=int, default=64, help="agent workload: requests per run")
     parser.add_argument("--length-scale", type=float, default=1.0, help="agent workload: token-length scale")
+    parser.add_argument("--skip-uncached", action="store_true", help="only the run with caching (hit rates)")
     parser.add_argument("--out", default=".")
     parser.add_argument("serve_args", nargs="*", help="extra flags for tokenmill serve (after --)")
     args = parser.parse_args()
@@ -133,21 +135,23 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = write_dummy_model_dir(Path(tempfile.mkdtemp()) / args.shape, SHAPES[args.shape])
     cached = run_once(model_dir, args, True, out)
-    uncached = run_once(model_dir, args, False, out)
+    uncached = None if args.skip_uncached else run_once(model_dir, args, False, out)
     report = subprocess.run([sys.executable, "-m", "tokenmill", "cache-report", cached["request_log"],
                              "--capacity-tokens", str(args.kv_blocks * 16)], capture_output=True, text=True)
     result = {"workload": {k: getattr(args, k) for k in ("workload", "shape", "conversations", "concurrency", "turns",
                                                           "system_len", "user_len", "output_len", "kv_blocks",
                                                           "bench_requests", "length_scale", "max_model_len")},
               "cached": cached, "uncached": uncached, "cache_report": report.stdout + report.stderr,
-              "ttft_p50_speedup": uncached["ttft_p50"] / cached["ttft_p50"] if cached["ttft_p50"] else None}
+              "ttft_p50_speedup": uncached["ttft_p50"] / cached["ttft_p50"] if uncached and cached["ttft_p50"]
+              else None}
     (out / "prefix_cache_bench.json").write_text(json.dumps(result, indent=2))
-    for run in (cached, uncached):
+    for run in (cached, uncached) if uncached else (cached,):
         print(f"caching={run['caching']!s:5} {run['completed']}/{run['requests']} ok, TTFT p50 "
               f"{run['ttft_p50'] * 1e3:.0f} ms p99 {run['ttft_p99'] * 1e3:.0f} ms, prefill computed "
               f"{run['prefill_computed_tokens']:.0f} of {run['prompt_tokens']} prompt tokens, "
-              f"TPOT {run['tpot_mean'] * 1e3:.1f} ms")
-    print(f"TTFT p50 speed-up with caching: {result['ttft_p50_speedup']:.2f}x")
+              f"TPOT {run['tpot_mean'] * 1e3:.1f} ms, preemptions {run['preemptions']:.0f}")
+    if uncached:
+        print(f"TTFT p50 speed-up with caching: {result['ttft_p50_speedup']:.2f}x")
     print(report.stdout + report.stderr)
     return 0
 

@@ -63,6 +63,20 @@ def test_recipe_on_a_local_engine_writes_every_output(llama_dir, tmp_path):
     assert data["sweep"]["max_slo_rate"] > 0
     images = check_html(tmp_path / "recipe.html")
     assert len(images) == 4
+    # and it opens in a real browser, offline: every embedded plot decodes, no console errors
+    from test_observability_server import ARTIFACTS, chromium, run_chromium
+
+    browser, page = chromium(), (tmp_path / "recipe.html").as_uri()
+    probe = ("<script>window.onload = () => { const imgs = [...document.images]; document.body.dataset.decoded = "
+             "imgs.filter(i => i.complete && i.naturalWidth > 0).length; };</script>")
+    (tmp_path / "probe.html").write_text((tmp_path / "recipe.html").read_text().replace("</body>", probe + "</body>"))
+    dom = run_chromium(browser, (tmp_path / "probe.html").as_uri(), "--dump-dom")
+    assert dom.returncode == 0 and 'data-decoded="4"' in dom.stdout, dom.stdout[:500]
+    assert "Capacity plan" in dom.stdout and not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "bench-report.png"
+    shot.unlink(missing_ok=True)
+    assert run_chromium(browser, page, f"--screenshot={shot}").returncode == 0 and shot.stat().st_size > 20_000
     assert all((tmp_path / name).stat().st_size > 1000 for name in
                ("recipe-latency-throughput.png", "recipe-cdf.png", "recipe-tokens-over-time.png",
                 "recipe-token-timing.png", "recipe-requests.csv", "recipe-runs.csv"))
