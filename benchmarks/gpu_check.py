@@ -71,6 +71,10 @@ def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
         sync = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
                    async_scheduling=False)
         sync_ids = [o.outputs[0].token_ids for o in sync.generate(PROMPTS, params)]
+        # Sampled rows (seeded draws, top-p, min_tokens bans, logprobs copied back without a sync).
+        sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=steps, min_tokens=4, logprobs=2)
+        sampled_sync = [o.outputs[0].token_ids for o in sync.generate(PROMPTS, sampled)]
+        sampled_async = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sampled)]
         del sync
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         for prompt_index, out in enumerate(outs):
@@ -83,6 +87,7 @@ def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
             rows.append(dict(arch=arch, prompt=prompt_index, matching_tokens=same, steps=steps,
                              async_scheduling=llm.llm_engine.core.async_scheduling,
                              async_equals_sync=got.token_ids == sync_ids[prompt_index],
+                             sampled_async_equals_sync=sampled_async[prompt_index] == sampled_sync[prompt_index],
                              max_logprob_diff=lp_diff, teacher_forced_max_gap=gap,
                              hf_margin_at_divergence=margins[same] if same < steps else None))
         del llm, hf
@@ -159,7 +164,8 @@ def main() -> int:
               f"{row['max_logprob_diff']:>14.2e} {gap:>27} {row['teacher_forced_max_gap']:>19.4f}")
     rows = result["tiny"]
     print(f"async scheduling on: {all(r['async_scheduling'] for r in rows)}; tokens identical to synchronous "
-          f"steps: {sum(r['async_equals_sync'] for r in rows)}/{len(rows)} prompts")
+          f"steps: {sum(r['async_equals_sync'] for r in rows)}/{len(rows)} prompts greedy, "
+          f"{sum(r['sampled_async_equals_sync'] for r in rows)}/{len(rows)} seeded sampling with logprobs")
     if "llama_8b_shape" in result:
         r = result["llama_8b_shape"]
         print(f"8B shape: {r['completed']}/{r['num_requests']} requests completed, {r['output_tokens']} tokens "

@@ -142,3 +142,39 @@ def test_stop_strings_under_async_scheduling(llama_dir):
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in want]
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
     assert_no_leaks(async_)
+
+
+def test_last_block_completed_by_the_final_decode_is_cached(llama_dir):
+    """The block that the last decode's input completes is hashed once that token is known, even though
+    no later step allocates for the request (it finishes): the next turn hits it, as with sync steps."""
+    prompt = random_prompts(1, seed=11)[0][:15]
+    assert len(prompt) == 15
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for llm in engines(llama_dir, num_kv_blocks=64):
+        first = llm.generate([prompt], params)[0].outputs[0].token_ids
+        second = llm.generate([prompt + first[:1] + [9] * 5], params)[0]
+        assert second.num_cached_tokens == 16
+
+
+def test_penalized_request_joining_a_decoding_batch(llama_dir):
+    """A request with penalties admitted while others decode (their inputs are placeholders): its
+    sampler reads only known output tokens, and the batch falls back to synchronous steps after it."""
+    prompts = random_prompts(3, seed=12)
+    penalized = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
+                               frequency_penalty=0.5)
+    results = []
+    for llm in engines(llama_dir, num_kv_blocks=256):
+        engine, finished = llm.llm_engine, {}
+        engine.add_request("a", prompts[0], GREEDY)
+        engine.add_request("b", prompts[1], GREEDY)
+        for step in range(100):
+            if step == 4:
+                engine.add_request("p", prompts[2], penalized)
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].token_ids
+            if not engine.has_unfinished_requests():
+                break
+        results.append(finished)
+        assert_no_leaks(llm)
+    assert results[0] == results[1] and len(results[0]["p"]) == 12

@@ -275,6 +275,10 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks; cached ones stay reusable until evicted. Freed tail
         first, so the end of the sequence is evicted before its start."""
+        if self.enable_prefix_caching and request.request_id in self.block_tables:
+            # Blocks whose last token became known after their step was scheduled (async scheduling:
+            # the input of the final decode) are registered now, as the synchronous engine would have.
+            self._cache_full_blocks(request, min(request.num_computed_tokens, request.num_known_tokens))
         table = self.block_tables.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if table:

@@ -14,11 +14,13 @@ generator, so its tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tokenmill.engine.messages import TokenLogprobs
+from tokenmill.transfer import device_to_host_async, host_to_device
 
 
 @dataclass
@@ -97,9 +99,11 @@ class Sampler:
         if meta.output_token_ids is not None:
             logits = apply_penalties(logits, meta)
         if meta.banned_tokens:
-            logits = logits.clone()
-            for row, token_ids in meta.banned_tokens:
-                logits[row, token_ids] = float("-inf")
+            rows = [row for row, token_ids in meta.banned_tokens for _ in token_ids]
+            cols = [t for _, token_ids in meta.banned_tokens for t in token_ids]
+            index = host_to_device(rows + cols, torch.long, logits.device)  # no sync, unlike a list index
+            logits = logits.index_put((index[:len(rows)], index[len(rows):]),
+                                      torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
         greedy_tokens = logits.argmax(dim=-1)
         if meta.all_greedy:
             tokens = greedy_tokens
@@ -119,20 +123,35 @@ class Sampler:
         return tokens, logprobs
 
 
-def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, meta: SamplingMetadata) -> list[TokenLogprobs | None]:
-    """One device-to-host copy for the whole batch; rows that did not ask get None."""
+def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, meta: SamplingMetadata) -> "DeferredLogprobs":
+    """Computed on the device and copied to the host without waiting; rows that did not ask get None."""
     sampled = raw.gather(1, tokens[:, None]).squeeze(1)
     ranks = (raw > sampled[:, None]).sum(dim=-1) + 1
     top_values, top_ids = raw.topk(meta.max_num_logprobs, dim=-1) if meta.max_num_logprobs else (None, None)
-    sampled, ranks = sampled.tolist(), ranks.tolist()
-    top_values = top_values.tolist() if top_values is not None else None
-    top_ids = top_ids.tolist() if top_ids is not None else None
-    result: list[TokenLogprobs | None] = []
-    for row, n in enumerate(meta.num_logprobs):
-        if n is None:
-            result.append(None)
-            continue
-        result.append(TokenLogprobs(sampled_logprob=sampled[row], sampled_rank=ranks[row],
-                                    top_token_ids=top_ids[row][:n] if n else [],
-                                    top_logprobs=top_values[row][:n] if n else []))
-    return result
+    return DeferredLogprobs(sampled, ranks, top_values, top_ids, meta.num_logprobs)
+
+
+class DeferredLogprobs(Sequence):
+    """The batch's logprobs as a sequence of TokenLogprobs | None per row. The device-to-host copies
+    start at once; the lists are built on first access, which must come after the step's tokens were
+    read (the model runner's LaunchedStep.result waits for the same stream point)."""
+
+    def __init__(self, sampled, ranks, top_values, top_ids, num_logprobs: list[int | None]):
+        self._parts = [None if t is None else device_to_host_async(t) for t in (sampled, ranks, top_values, top_ids)]
+        self._num_logprobs = num_logprobs
+        self._rows: list[TokenLogprobs | None] | None = None
+
+    def _build(self) -> list[TokenLogprobs | None]:
+        if self._rows is None:
+            sampled, ranks, top_values, top_ids = (None if t is None else t.tolist() for t in self._parts)
+            self._rows = [None if n is None else TokenLogprobs(
+                sampled_logprob=sampled[row], sampled_rank=ranks[row],
+                top_token_ids=top_ids[row][:n] if n else [], top_logprobs=top_values[row][:n] if n else [])
+                for row, n in enumerate(self._num_logprobs)]
+        return self._rows
+
+    def __getitem__(self, index):
+        return self._build()[index]
+
+    def __len__(self) -> int:
+        return len(self._num_logprobs)

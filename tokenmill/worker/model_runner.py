@@ -17,6 +17,7 @@ from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.loader import load_model
 from tokenmill.ops.step_timer import StepTimer
 from tokenmill.sample.sampler import Sampler, SamplingMetadata
+from tokenmill.transfer import device_to_host_async, host_to_device
 from tokenmill.worker.cuda_graphs import DecodeGraphs, default_capture_sizes
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ class LaunchedStep:
             return
         self.rows = {c.request.request_id: row for row, c in enumerate(c for c in chunks if c.samples)}
         if tokens.is_cuda:  # start the copy now; result() then waits for this step only, not the next
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._host = device_to_host_async(tokens)
             self._ready = torch.cuda.Event()
             self._ready.record()
 
@@ -201,11 +201,12 @@ class ModelRunner:
             end = chunk.start + chunk.num_tokens
             request = chunk.request
             if request.num_pending_tokens and end > request.num_known_tokens:
-                # Only a decode's last token can be pending: the one the step in flight samples.
-                if previous is None or request.request_id not in previous.rows:
+                # At most one token is pending: the one the step in flight samples for this request.
+                if previous is None or request.request_id not in previous.rows \
+                        or request.num_pending_tokens != 1:
                     raise RuntimeError(f"request {request.request_id}: input token pending without the "
                                        "step that samples it")
-                pending_at.append(len(input_ids) + chunk.num_tokens - 1)
+                pending_at.append(len(input_ids) + request.num_known_tokens - chunk.start)
                 pending_rows.append(previous.rows[request.request_id])
             input_ids.extend(request.all_token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
@@ -237,9 +238,7 @@ class ModelRunner:
         return ids, longs[num_tokens:2 * num_tokens], meta, longs[3 * num_tokens:3 * num_tokens + num_rows]
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return host_to_device(values, dtype, self.device)
 
     def _sampling_metadata(self, chunks: list[ScheduledChunk], vocab_size: int) -> SamplingMetadata:
         dev = self.device
@@ -264,18 +263,21 @@ class ModelRunner:
 
         def padded(lists: list[list[int]]) -> torch.Tensor:
             width = max(1, max(len(x) for x in lists))
-            return torch.tensor([x + [vocab_size] * (width - len(x)) for x in lists], dtype=torch.long, device=dev)
+            return host_to_device([x + [vocab_size] * (width - len(x)) for x in lists], torch.long, dev)
 
         def floats(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=dev)
+            return host_to_device(values, torch.float32, dev)
+
+        def known_outputs(request) -> list[int]:   # without the placeholders of a step in flight
+            return request.output_token_ids[:request.num_output_tokens - request.num_pending_tokens]
 
         any_penalty = uses_rep or uses_freq or uses_pres
         num_logprobs = [sp.logprobs for sp in params]
         requested = [n for n in num_logprobs if n is not None]
         return SamplingMetadata(
             temperature=floats([sp.temperature for sp in params]),
-            greedy=torch.tensor([sp.greedy for sp in params], dtype=torch.bool, device=dev),
-            top_k=torch.tensor([sp.top_k if sp.top_k > 0 else vocab_size for sp in params], device=dev),
+            greedy=host_to_device([sp.greedy for sp in params], torch.bool, dev),
+            top_k=host_to_device([sp.top_k if sp.top_k > 0 else vocab_size for sp in params], torch.long, dev),
             top_p=floats([sp.top_p for sp in params]),
             min_p=floats([sp.min_p for sp in params]),
             all_greedy=all(sp.greedy for sp in params),
@@ -286,7 +288,7 @@ class ModelRunner:
             frequency_penalty=floats([sp.frequency_penalty for sp in params]) if uses_freq else None,
             presence_penalty=floats([sp.presence_penalty for sp in params]) if uses_pres else None,
             prompt_token_ids=padded([c.request.prompt_token_ids for c in chunks]) if uses_rep else None,
-            output_token_ids=padded([c.request.output_token_ids for c in chunks]) if any_penalty else None,
+            output_token_ids=padded([known_outputs(c.request) for c in chunks]) if any_penalty else None,
             banned_tokens=banned,
             max_num_logprobs=max(requested) if requested else None,
             num_logprobs=num_logprobs,
