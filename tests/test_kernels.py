@@ -216,15 +216,18 @@ def test_paged_attention_zero_length_padding_decode(partition):
 
 
 def test_decode_partition_size_policy():
-    # Batch 1 at 8k on an H100 (132 SMs), 8 kv heads: split into 256-key partitions, 256 programs.
-    assert decode_partition_size(1, 8, 8192, 132) == 256
+    # Batch 1 at 8k on an H100/H200 (132 SMs), 8 kv heads: 128-key partitions, 64 x 8 = 512 programs.
+    assert decode_partition_size(1, 8, 8192, 132) == 128
+    # A CUDA graph's grid for max_model_len 8464: 67 partitions of 128 (most exit at a short context).
+    assert decode_partition_size(1, 8, 8464, 132) == 128
     # Plenty of programs already (64 x 8 = 512 >= 2 x 132): no split.
     assert decode_partition_size(64, 8, 1024, 132) >= 1024
     assert decode_partition_size(256, 8, 768, 132) >= 768
-    # Short contexts are never split below the minimum partition.
-    assert decode_partition_size(1, 8, 200, 132) >= 200
+    # Short contexts are never split below the minimum partition (128 keys).
+    assert decode_partition_size(1, 8, 128, 132) >= 128
+    assert decode_partition_size(1, 8, 200, 132) == 128
     size = decode_partition_size(4, 8, 4000, 132)
-    assert size % 64 == 0 and size >= 256 and _cdiv(4000, size) * 4 * 8 >= 132
+    assert size % 64 == 0 and size >= 128 and _cdiv(4000, size) * 4 * 8 >= 132
 
 
 def test_paged_attention_dispatch():
