@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -173,6 +175,25 @@ def post(server, path, body, raw=False):
 ])
 def test_invalid_parameters_give_400_naming_the_field(server, body, field, fragment):
     response = post(server, "/v1/completions", body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["param"] == field and error["type"] == "invalid_request_error"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, field, fragment", [
+    ({"max_tokens": 3}, "messages", "messages: Field required"),
+    ({"messages": []}, "messages", "messages: List should have at least 1 item"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "top_logprobs requires logprobs to be true"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+     "message content part of type 'image_url' is not supported"),
+    ({"messages": HI, "temperature": -1}, "temperature", "temperature must be >= 0"),
+    ({"messages": HI, "max_completion_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1"),
+])
+def test_chat_invalid_parameters_give_400_naming_the_field(server, body, field, fragment):
+    response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert fragment in error["message"] and error["param"] == field and error["type"] == "invalid_request_error"
@@ -427,3 +448,52 @@ def test_tokenization_runs_off_the_event_loop():
 
     ids, longest_gap = asyncio.run(go())
     assert ids == [[3], [4]] and longest_gap < 0.25
+
+
+def test_disconnect_of_a_non_streaming_request_frees_blocks(server):
+    """A client that gives up on a plain (non-SSE) request: the server notices, aborts, frees its blocks."""
+    def aborted() -> float:
+        lines = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+                 if line.startswith("tokenmill:request_success_total{") and 'finished_reason="abort"' in line]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    aborted_before = aborted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(5.0, read=0.5),
+                   json={"prompt": "long and silent", "max_tokens": 900, "ignore_eos": True, "temperature": 0})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (server.metric("kv_cache_blocks_used") or
+                                           server.metric("num_requests_running")):
+        time.sleep(0.1)
+    assert server.metric("kv_cache_blocks_used") == 0 and server.metric("num_requests_running") == 0
+    assert aborted() == aborted_before + 1
+
+
+def test_request_log_through_the_server_rotates_and_feeds_cache_report(llama_dir, tmp_path):
+    from tokenmill.ops.request_log import read_request_log
+
+    log = tmp_path / "requests.jsonl"
+    server = ServerProcess(llama_dir, "--num-kv-blocks", "64", "--request-log", str(log),
+                           "--request-log-max-bytes", "3000")
+    try:
+        prompt = "A shared prefix that both turns of this conversation send again. " * 3
+        sent = []
+        for i in range(6):
+            body = {"model": "tiny", "prompt": prompt + f"turn {i}", "max_tokens": 4, "temperature": 0,
+                    "return_token_ids": True}
+            sent.append(post(server, "/v1/completions", body).json())
+    finally:
+        assert server.stop() == 0
+    files = sorted(tmp_path.glob("requests.jsonl*"))
+    assert len(files) >= 2 and all(f.stat().st_size <= 3000 for f in files)   # rotated by size
+    records = read_request_log([str(f) for f in sorted(files, reverse=True)])
+    by_output = {tuple(r["output_token_ids"]): r for r in records}
+    for response in sent:
+        choice = response["choices"][0]
+        record = by_output[tuple(choice["token_ids"])]
+        assert record["prompt_token_ids"] == choice["prompt_token_ids"]
+        assert record["num_cached_tokens"] == response["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert sum(r["num_cached_tokens"] for r in records) > 0
+    report = subprocess.run([sys.executable, "-m", "tokenmill", "cache-report", *map(str, files),
+                             "--capacity-tokens", "1024"], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0 and "achieved (log)" in report.stdout and "Belady" in report.stdout
