@@ -132,3 +132,37 @@ def test_best_slo_run_is_the_last_before_the_first_miss():
     assert noisy["max_slo_rate"] == 1.0 and noisy["max_slo_rate_any"] == 3.0 and "noisy" in noisy["slo_note"]
     none = best_slo_run([run("a", 1.0, False), run("b", 2.0, True)])
     assert none["max_slo_run"] is None and "noisy" in none["slo_note"]
+
+
+def test_sweep_refines_the_slo_rate_by_bisection():
+    """--refine: after the evenly spaced rates, bisect between the last rate that met the SLOs and the
+    first that missed (here the replica holds up to 3.3 req/s)."""
+    import asyncio
+
+    from tokenmill.bench.client import Target
+    from tokenmill.bench.runner import Bench, RunResult
+
+    def result(name, mode, rate, throughput):
+        met = mode == "burst" or throughput <= 3.3
+        return RunResult(name, mode, [], {"slo": {"met": met}, "request_throughput": throughput,
+                                          "error_rate": 0.0}, rate)
+
+    bench = Bench(Target("http://unused"), workload(10))
+
+    async def sequential(n=None):
+        return result("sequential", "sequential", None, 1.0)
+
+    async def burst(n=None, cap=None):
+        return result("burst", "burst", math.inf, 9.0)
+
+    async def rate(r, n=None):
+        return result(f"rate {r:.3g}/s", "rate", r, r)
+
+    bench.sequential, bench.burst, bench.rate = sequential, burst, rate
+    runs, info = asyncio.run(bench.sweep(num_rates=3, refine=4))
+    assert info["rates"] == [3.0, 5.0, 7.0]
+    assert info["refined_rates"] == [4.0, 3.5, 3.25, 3.375]
+    assert info["max_slo_rate"] == 3.25 and len(runs) == 2 + 3 + 4
+    # converged (within 2%) or nothing to refine: no extra runs
+    _, info = asyncio.run(bench.sweep(num_rates=3, refine=0))
+    assert info["refined_rates"] == []

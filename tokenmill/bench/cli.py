@@ -88,6 +88,9 @@ def _common_parser() -> argparse.ArgumentParser:
                    help="sweep: requests in the sequential run (default min(num-prompts, 20))")
     r.add_argument("--stop-error-rate", type=float, default=0.1,
                    help="sweep: stop once a rate's error rate exceeds this (default 0.1)")
+    r.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="sweep/recipe: N more rate runs bisecting between the highest rate within the SLOs and "
+                        "the first above it that missed (default 0)")
     r.add_argument("--target-qps", type=float, default=None, help="plan: average requests/s to serve")
     r.add_argument("--peak-to-average", type=float, default=None, help="plan: peak / average load")
     r.add_argument("--max-utilization", type=float, default=1.0, help="plan: headroom, e.g. 0.8")
@@ -274,14 +277,15 @@ async def bench_main(args, target, workload, log):
             runs = [await bench.concurrency(args.concurrency)]
         elif mode == "sweep":
             runs, info = await bench.sweep(args.num_rates, sequential_n=args.sequential_prompts,
-                                           stop_error_rate=args.stop_error_rate)
+                                           stop_error_rate=args.stop_error_rate, refine=args.refine)
             extras["sweep"] = info
         else:
             runs, extras = await bench.recipe(
                 args.num_rates, sequential_n=args.sequential_prompts, target_qps=args.target_qps,
                 peak_to_average=args.peak_to_average, max_utilization=args.max_utilization,
                 spare_replicas=args.spare_replicas, timing_tokens=args.timing_tokens,
-                stall_s=args.stall_ms / 1000 if args.stall_ms else None, stop_error_rate=args.stop_error_rate)
+                stall_s=args.stall_ms / 1000 if args.stall_ms else None, stop_error_rate=args.stop_error_rate,
+                refine=args.refine)
         settings = bench.settings()
     settings["command"] = "tokenmill bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 2 and sys.argv[1] == "bench" else None

@@ -350,6 +350,9 @@ def verdict_lines(result: BenchResult) -> list[str]:
         sw = result.sweep
         lines.append(f"sweep: sequential {sw['min_rate']:.3g} req/s .. burst {sw['max_rate']:.3g} req/s; rates tried "
                      + (", ".join(f"{r:.3g}" for r in sw["rates"]) or "none"))
+        if sw.get("refined_rates"):
+            lines.append("refined between the last met and the first missed rate: " +
+                         ", ".join(f"{r:.3g}" for r in sw["refined_rates"]))
         if sw.get("stop_reason"):
             lines.append(f"stopped early: {sw['stop_reason']}; skipped " +
                          ", ".join(f"{r:.3g}" for r in sw["skipped_rates"]))

@@ -6,7 +6,8 @@
   requests are sent on schedule whether or not earlier ones finished (optionally capped in flight).
 - concurrency C: C closed-loop users, each sending its next request when the previous one ends.
 - sweep: sequential, burst, then K rates evenly spaced strictly between their request throughputs,
-  lowest first; stops early once a rate saturates the server (its queue grows: the median TTFT of the
+  lowest first (then, with refine > 0, bisection between the last rate that met the SLOs and the first
+  that missed); stops early once a rate saturates the server (its queue grows: the median TTFT of the
   last quarter of requests exceeds twice that of the first quarter by more than a tenth of the arrival
   span) or its error rate exceeds the limit. Reports the highest rate that met the SLOs.
 - recipe: the sweep, then the token-timing view of the best run and the capacity plan.
@@ -334,7 +335,7 @@ class Bench:
         return await self._execute(f"concurrency {c}", "concurrency", self._n(n), workers=c)
 
     async def sweep(self, num_rates: int = 8, n: int | None = None, sequential_n: int | None = None,
-                    stop_error_rate: float = 0.1) -> tuple[list[RunResult], dict]:
+                    stop_error_rate: float = 0.1, refine: int = 0) -> tuple[list[RunResult], dict]:
         n = self._n(n)
         seq = await self.sequential(sequential_n if sequential_n is not None else min(n, 20))
         burst = await self.burst(n)
@@ -352,15 +353,36 @@ class Bench:
             if stop_reason:
                 skipped = rates[i + 1:]
                 break
+        refined = await self._refine(runs, refine, n)
         info = {"min_rate": lo, "max_rate": hi, "rates": rates, "skipped_rates": skipped, "stop_reason": stop_reason,
-                **best_slo_run(runs)}
+                "refined_rates": refined, **best_slo_run(runs)}
         return runs, info
+
+    async def _refine(self, runs: list[RunResult], steps: int, n: int) -> list[float]:
+        """Bisect between the highest rate that met the SLOs and the first one above it that missed
+        (vLLM's SLA search), `steps` more rate runs; appended to `runs`. Stops early once the two are
+        within 2% of each other."""
+        tried: list[float] = []
+        for _ in range(steps):
+            best = best_slo_run(runs)
+            if best["max_slo_rate"] is None:
+                break
+            low = best["max_slo_rate"]
+            missed = sorted(r.rate_for_plan for r in runs if r.mode != "burst" and r.rate_for_plan > low
+                            and not r.summary.get("slo", {}).get("met"))
+            if not missed or missed[0] - low < 0.02 * missed[0]:
+                break
+            mid = (low + missed[0]) / 2
+            runs.append(await self.rate(mid, n))
+            tried.append(mid)
+        return tried
 
     async def recipe(self, num_rates: int = 8, n: int | None = None, sequential_n: int | None = None,
                      target_qps: float | None = None, peak_to_average: float | None = None,
                      max_utilization: float = 1.0, spare_replicas: int = 0, timing_tokens: int = 1000,
-                     stall_s: float | None = None, stop_error_rate: float = 0.1) -> tuple[list[RunResult], dict]:
-        runs, info = await self.sweep(num_rates, n, sequential_n, stop_error_rate)
+                     stall_s: float | None = None, stop_error_rate: float = 0.1,
+                     refine: int = 0) -> tuple[list[RunResult], dict]:
+        runs, info = await self.sweep(num_rates, n, sequential_n, stop_error_rate, refine)
         best = next((r for r in runs if r.name == info["max_slo_run"]), None)
         timing_run = best or runs[0]
         itls = [v for rec in timing_run.records if rec.ok for v in rec.itls]
