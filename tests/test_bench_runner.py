@@ -41,7 +41,8 @@ def test_sequential_burst_concurrency_and_rate_modes():
         rate = bench(server, workload(20, arrival=ArrivalSpec("constant", rate=1.0)), lambda b: b.rate(100.0))
         assert rate.offered_rate == 100.0 and rate.summary["completed"] == 20
         assert [r.scheduled_s for r in rate.records] == pytest.approx([i / 100 for i in range(20)])
-        assert all(abs(r.send_s - r.scheduled_s) < 0.03 for r in rate.records)
+        lags = [abs(r.send_s - r.scheduled_s) for r in rate.records]   # on schedule (a loaded CI box may hiccup)
+        assert float(np.median(lags)) < 0.03 and max(lags) < 0.25
         assert not rate.saturated
         assert len(server.requests) == 8 + 12 + 10 + 20
         warm = bench(server, workload(2), lambda b: b.sequential(), warmup=3)
@@ -166,3 +167,33 @@ def test_sweep_refines_the_slo_rate_by_bisection():
     # converged (within 2%) or nothing to refine: no extra runs
     _, info = asyncio.run(bench.sweep(num_rates=3, refine=0))
     assert info["refined_rates"] == []
+
+
+def test_ctrl_c_saves_the_runs_that_finished(tmp_path):
+    """SIGINT during the sweep's first rate run: the sequential and burst runs are written (JSON marked
+    interrupted, CSVs) and the command exits 130."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def script(body, number):   # warm-up 1 + sequential 3 + burst 6 answer; the rate run then hangs
+        return FAST if number < 10 else Script(fail="hang")
+    with ScriptedServer(script) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenmill", "bench", "sweep", "--base-url", server.url, "--num-prompts", "6",
+             "--sequential-prompts", "3", "--num-rates", "2", "--workload", "agent", "--length-scale", "0.02",
+             "--output-len", "4", "--return-token-ids", "on", "--no-plots", "--no-progress",
+             "--result-dir", str(tmp_path), "--result-filename", "cut"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(server.requests) < 11 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert data["settings"]["interrupted"] and [r["name"] for r in data["runs"]] == ["sequential", "burst"]
+    assert data["sweep"]["stop_reason"] == "interrupted" and (tmp_path / "cut-runs.csv").exists()
+    assert "interrupted: saving the 2 run(s)" in err

@@ -256,14 +256,19 @@ def in_process_target(args, log):
     return EngineTarget(config, max_queued_requests=max_queued, model_name=args.model)
 
 
-async def bench_main(args, target, workload, log):
+async def bench_main(args, target, workload, log, state: dict | None = None):
+    """Run the mode; `state` gets the Bench and the start time, so that an interrupted run can still
+    save the runs that finished."""
     from tokenmill.bench.runner import Bench, BenchResult, _now
 
     started = _now()
+    state = {} if state is None else state
+    state["started"] = started
     async with Bench(target, workload, seed=args.seed, request_timeout=args.request_timeout, warmup=args.warmup,
                      progress=not args.no_progress and sys.stderr.isatty(), return_token_ids=args.return_token_ids,
                      tokenizer=args.tokenizer, max_concurrency=args.max_concurrency, duration=args.duration,
                      log=log) as bench:
+        state["bench"] = bench
         extras: dict = {}
         mode = args.bench_mode
         if mode == "sequential":
@@ -316,11 +321,20 @@ def cmd_bench(args) -> int:
     server = contextlib.nullcontext(None) if args.in_process else \
         local_server(args.engine_model, args.engine_args, log) if args.engine_model else \
         contextlib.nullcontext(args.base_url)
+    state: dict = {}
+    interrupted, target = False, None
     try:
         with server as url:
             target = in_process_target(args, log) if args.in_process else \
                 Target(url, model=args.model, api_key=args.api_key)
-            result = asyncio.run(bench_main(args, target, workload, log))
+            result = asyncio.run(bench_main(args, target, workload, log, state))
+    except KeyboardInterrupt:
+        result = partial_result(args, state, target, workload)
+        if result is None:
+            print("interrupted before any run finished: nothing to save", file=sys.stderr)
+            return 130
+        interrupted = True
+        log(f"interrupted: saving the {len(result.runs)} run(s) that finished (the run in progress is dropped)")
     except httpx.HTTPError as e:
         print(f"error: cannot use {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -336,7 +350,27 @@ def cmd_bench(args) -> int:
                               with_chunks=not args.no_token_times)
         for kind, path in paths.items():
             log(f"wrote {kind}: {path}")
+    if interrupted:
+        return 130
     return 0 if any(run.summary["completed"] for run in result.runs) else 1
+
+
+def partial_result(args, state: dict, target, workload):
+    """What an interrupted bench had finished, as a BenchResult marked interrupted (None: nothing)."""
+    from tokenmill.bench.runner import BenchResult, _now, best_slo_run
+
+    bench = state.get("bench")
+    if bench is None or not bench.finished_runs:
+        return None
+    runs = list(bench.finished_runs)
+    sweep = best_slo_run(runs) if args.bench_mode in ("sweep", "recipe") else None
+    return BenchResult(mode=args.bench_mode, target=target.to_dict(), workload=workload.to_dict(), runs=runs,
+                       settings={**bench.settings(), "interrupted": True}, sweep=None if sweep is None else {
+                           "min_rate": runs[0].summary["request_throughput"],
+                           "max_rate": max(r.summary["request_throughput"] for r in runs), "rates": [
+                               r.offered_rate for r in runs if r.mode == "rate"], "skipped_rates": [],
+                           "stop_reason": "interrupted", "refined_rates": [], **sweep},
+                       started_at=state.get("started", ""), finished_at=_now())
 
 
 # ---- tools ----------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Bench:
         self.progress = Progress(progress)
         self.log = log or (lambda message: None)
         self.runs_started = 0
+        self.finished_runs: list[RunResult] = []   # every run that completed, in order (kept on Ctrl-C)
         self.http = None
         self.factory: PromptFactory | None = None
 
@@ -301,6 +302,7 @@ class Bench:
         if mode == "rate":
             result.saturation = saturation_check(records)
         self.log(one_line(result))
+        self.finished_runs.append(result)
         return result
 
     # ---- modes --------------------------------------------------------------------------------------------
