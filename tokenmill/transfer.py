@@ -6,6 +6,7 @@ memory with non-blocking copies instead, in stream order."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,6 +15,14 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def array_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy array on `device` without a sync (a fresh array per call: on the CPU it is shared)."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def device_to_host_async(tensor: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,16 @@ class KVCacheManager:
         prefix cache.
         """
         rid = request.request_id
-        table = self.block_tables.get(rid, [])
+        table = self.block_tables.get(rid)
+        if table is not None and not new_computed_blocks:
+            # The common decode step: the new tokens fit in the blocks the request holds.
+            end = request.num_computed_tokens + num_new_tokens
+            if end <= len(table) * self.block_size:
+                if self.enable_prefix_caching and \
+                        min(end, request.num_known_tokens) // self.block_size > self._num_cached_blocks[rid]:
+                    self._cache_full_blocks(request, min(end, request.num_known_tokens))
+                return True
+        table = [] if table is None else table
         hits = [self.block_pool.blocks[b] for b in new_computed_blocks or ()]
         num_computed = request.num_computed_tokens + len(hits) * self.block_size
         need = self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits)

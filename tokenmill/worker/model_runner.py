@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
@@ -17,7 +18,7 @@ from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.models.loader import load_model
 from tokenmill.ops.step_timer import StepTimer
 from tokenmill.sample.sampler import Sampler, SamplingMetadata
-from tokenmill.transfer import device_to_host_async, host_to_device
+from tokenmill.transfer import array_to_device, device_to_host_async, host_to_device
 from tokenmill.worker.cuda_graphs import DecodeGraphs, default_capture_sizes
 
 logger = logging.getLogger(__name__)
@@ -208,22 +209,34 @@ class ModelRunner:
                                        "step that samples it")
                 pending_at.append(len(input_ids) + request.num_known_tokens - chunk.start)
                 pending_rows.append(previous.rows[request.request_id])
-            input_ids.extend(request.all_token_ids[chunk.start:end])
-            positions.extend(range(chunk.start, end))
             table = chunk.block_ids
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
+            if chunk.num_tokens == 1:   # a decode: most chunks of a big batch, so no per-token generators
+                p = chunk.start
+                input_ids.append(request.all_token_ids[p])
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            else:
+                input_ids.extend(request.all_token_ids[chunk.start:end])
+                positions.extend(range(chunk.start, end))
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in range(chunk.start, end))
             seq_lens.append(end)
             query_lens.append(chunk.num_tokens)
             query_start.append(query_start[-1] + chunk.num_tokens)
             if chunk.samples:
                 logits_rows.append(query_start[-1] - 1)
-        max_blocks = max(len(c.block_ids) for c in chunks)
-        tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in chunks]
         # Two host-to-device copies per step (one per dtype), from pinned memory without a sync,
-        # instead of one blocking copy per tensor.
+        # instead of one blocking copy per tensor. The int32 one (seq lens, query starts, the padded
+        # block tables: most of the step's input bytes) is filled in numpy, row by row.
         num_tokens, num_reqs, num_rows = len(input_ids), len(chunks), len(logits_rows)
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        packed = np.zeros(2 * num_reqs + 1 + num_reqs * max_blocks, dtype=np.int32)
+        packed[:num_reqs] = seq_lens
+        packed[num_reqs:2 * num_reqs + 1] = query_start
+        tables = packed[2 * num_reqs + 1:].reshape(num_reqs, max_blocks)
+        for row, chunk in enumerate(chunks):
+            tables[row, :len(chunk.block_ids)] = chunk.block_ids
         longs = self._to_device(input_ids + positions + slots + logits_rows + pending_at + pending_rows, torch.long)
-        ints = self._to_device(seq_lens + query_start + [b for t in tables for b in t], torch.int32)
+        ints = array_to_device(packed, self.device)
         ids = longs[:num_tokens]
         if pending_at:   # on the device, in stream order after the step that samples them
             tail = longs[3 * num_tokens + num_rows:]
