@@ -28,7 +28,6 @@ class _InputsOnly:
     """Just what ModelRunner._prepare_inputs reads: no model, no KV tensors."""
     block_size = 16
     device = torch.device("cpu")
-    _to_device = ModelRunner._to_device
 
 
 def main() -> int:

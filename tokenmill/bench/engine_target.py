@@ -38,20 +38,6 @@ def engine_config_from_args(model: str, engine_args: str):
     return EngineConfig(model=model, seed=args.seed, **engine_kwargs(args)), args.max_queued_requests
 
 
-class EngineTokenizer:
-    """The engine's own tokenizer (exact lengths, no round trip)."""
-    exact = True
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-
-    async def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    async def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-
 class EngineTarget:
     """A tokenmill engine in this process. ``await open()`` inside the event loop that runs the benchmark
     (it starts the engine core and its output thread), ``close()`` at the end."""
@@ -86,8 +72,11 @@ class EngineTarget:
             self.llm.shutdown()
             self.llm = None
 
-    def tokenizer(self) -> EngineTokenizer:
-        return EngineTokenizer(self.llm.tokenizer)
+    def tokenizer(self):
+        """The engine's own tokenizer (exact lengths, no round trip)."""
+        from tokenmill.bench.prompts import LocalTokenizer
+
+        return LocalTokenizer(self.llm.tokenizer)
 
     def to_dict(self) -> dict:
         return {"base_url": self.base_url, "model": self.model, "server": self.server,

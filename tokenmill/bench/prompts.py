@@ -50,13 +50,14 @@ class ServerTokenizer:
 
 
 class LocalTokenizer:
-    """A local Hugging Face tokenizer directory (--tokenizer), for targets without /tokenize."""
+    """A tokenizer in this process: a local Hugging Face tokenizer directory (--tokenizer, for targets
+    without /tokenize), or the in-process engine's own tokenizer."""
     exact = True
 
-    def __init__(self, path: str):
+    def __init__(self, tokenizer):
         from tokenmill.tokenizer import Tokenizer
 
-        self.tok = Tokenizer(path)
+        self.tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
 
     async def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)

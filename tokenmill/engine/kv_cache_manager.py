@@ -241,8 +241,7 @@ class KVCacheManager:
             # The common decode step: the new tokens fit in the blocks the request holds.
             end = request.num_computed_tokens + num_new_tokens
             if end <= len(table) * self.block_size:
-                if self.enable_prefix_caching and \
-                        min(end, request.num_known_tokens) // self.block_size > self._num_cached_blocks[rid]:
+                if self.enable_prefix_caching:
                     self._cache_full_blocks(request, min(end, request.num_known_tokens))
                 return True
         table = [] if table is None else table

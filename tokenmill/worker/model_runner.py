@@ -153,10 +153,6 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def execute(self, scheduled: SchedulerOutput) -> list[SampledToken | None]:
-        """Run one step and wait for it: one SampledToken (or None) per chunk, in chunk order."""
-        return self.launch(scheduled).result()
-
     @torch.no_grad()
     def launch(self, scheduled: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step on the device without waiting for it. Input tokens that are still
@@ -235,7 +231,8 @@ class ModelRunner:
         tables = packed[2 * num_reqs + 1:].reshape(num_reqs, max_blocks)
         for row, chunk in enumerate(chunks):
             tables[row, :len(chunk.block_ids)] = chunk.block_ids
-        longs = self._to_device(input_ids + positions + slots + logits_rows + pending_at + pending_rows, torch.long)
+        longs = host_to_device(input_ids + positions + slots + logits_rows + pending_at + pending_rows, torch.long,
+                               self.device)
         ints = array_to_device(packed, self.device)
         ids = longs[:num_tokens]
         if pending_at:   # on the device, in stream order after the step that samples them
@@ -249,9 +246,6 @@ class ModelRunner:
             seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
             num_decodes=sum(1 for n in query_lens if n == 1))
         return ids, longs[num_tokens:2 * num_tokens], meta, longs[3 * num_tokens:3 * num_tokens + num_rows]
-
-    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return host_to_device(values, dtype, self.device)
 
     def _sampling_metadata(self, chunks: list[ScheduledChunk], vocab_size: int) -> SamplingMetadata:
         dev = self.device
