@@ -188,6 +188,7 @@ def main() -> int:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--fused-gemv", action="store_true", help="the engine's fused small-batch layers")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -202,10 +203,12 @@ def main() -> int:
     llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device,
               max_model_len=args.long_prompt + args.output_len + 16, gpu_memory_utilization=0.6,
               max_num_seqs=args.requests, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, fused_gemv=args.fused_gemv)
     core = llm.llm_engine.core
     result["startup_s"] = time.perf_counter() - start
     result["cuda_graph_capture_s"] = core.cuda_graph_capture_seconds
+    result["engine"] = {"async_scheduling": core.async_scheduling, "fused_gemv": args.fused_gemv,
+                        "enforce_eager": args.enforce_eager}
     rng = random.Random(0)
     vocab = cfg["vocab_size"]
     prompt = lambda n: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731

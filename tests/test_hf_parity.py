@@ -114,3 +114,38 @@ def test_half_precision_tracks_float32_transformers(dtype, tol, llama_dir):
             row = ref[len(out.prompt_token_ids) - 1 + i]
             assert row.max() - row[token] <= tol, (dtype, out.prompt, i)
             assert abs(got.logprobs[i][token].logprob - row[token].item()) <= tol, (dtype, out.prompt, i)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
+def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
+    """fused_gemv: steps of <= 16 tokens (here every step: chunks of 8, then 3 decodes) run the fused
+    layers (interpreted on a CPU) and give HF's greedy tokens; qwen2 covers the qkv bias in the
+    RoPE epilogue, qwen3 the q/k-norm variant."""
+    from tokenmill.kernels import HAS_TRITON, kernels_interpreted
+    from tokenmill.models import llama
+
+    if not HAS_TRITON or not (kernels_interpreted() or torch.cuda.is_available()):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 before triton is imported")
+    calls = {"norm_silu": 0}
+    real = llama.gemv.gemv_norm_silu
+
+    def counting(*args, **kwargs):
+        calls["norm_silu"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama.gemv, "gemv_norm_silu", counting)
+    # head_dim 32: the multi-row RoPE epilogue takes row sets of 16 (the default tiny head_dim is 16).
+    model_dir = build_tiny_model(tmp_path / arch, arch, seed=7, head_dim=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = LLM(str(model_dir), num_kv_blocks=64, max_num_batched_tokens=8, device=device, kernel_backend="triton",
+              fused_gemv=True, enforce_eager=True)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
+    outputs = llm.generate(PROMPTS[:3], params)
+    num_layers = len(llm.llm_engine.core.runner.model.model.layers)
+    assert calls["norm_silu"] >= num_layers * 5, calls  # every step took the fused path
+    for out in outputs:
+        ref_ids, ref_logprobs = hf_greedy(model_dir, out.prompt_token_ids, 5)
+        got = out.outputs[0]
+        assert got.token_ids == ref_ids, f"{arch}: prompt {out.prompt!r}"
+        got_logprobs = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
+        assert max(abs(a - b) for a, b in zip(got_logprobs, ref_logprobs)) < 1e-4

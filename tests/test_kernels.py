@@ -335,6 +335,97 @@ def test_rotary(dtype, scaling):
     assert torch.equal(qkv_dev[:, 6 * head_dim:].cpu(), qkv[:, 6 * head_dim:])
 
 
+# Fused chains (projection -> RoPE / SiLU / residual add) round 16-bit values 2-3 times in a row; a
+# one-ulp flip of the projection's rounding (summation order; the interpreter truncates) carries
+# through them. fp32 checks the math tightly; the 16-bit runs check the rounding path.
+CHAIN_TOL = {**TOL, torch.bfloat16: dict(atol=5e-2, rtol=3e-2), torch.float16: dict(atol=5e-3, rtol=4e-3)}
+
+
+def _fused_weights(gen, dtype, *shapes):
+    return [(torch.randn(*shape, generator=gen) * 0.3).to(dtype) for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_norm_rope_kv(dtype, rows, bias):
+    """RMSNorm -> qkv -> RoPE -> KV write in one kernel equals the four unfused steps; a slot of -1
+    (a graph's padding row) writes nothing; cache slots of other tokens stay as they were."""
+    from tokenmill.kernels.gemv import gemv_norm_rope_kv
+    gen = torch.Generator().manual_seed(11)
+    hidden, hq, hkv, d, block_size = 40, 4, 2, 32, 4
+    x, w_qkv, b_qkv, nw = _fused_weights(gen, dtype, (rows, hidden), ((hq + 2 * hkv) * d, hidden),
+                                         ((hq + 2 * hkv) * d,), (hidden,))
+    x = x * 3
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data = nw
+    rope = RotaryEmbedding(d, 64, 10000.0, None)
+    positions = torch.tensor([5, 0, 63][:rows])
+    slots = torch.tensor([9, -1, 2][:rows])
+    cache = torch.full((2, 4, block_size, hkv, d), POISON, dtype=dtype)
+    # Reference: the unfused path's four steps.
+    qkv = torch.nn.functional.linear(norm(x), w_qkv, b_qkv if bias else None)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    ref_q, ref_k = rope(positions, q.reshape(rows, hq, d), k.reshape(rows, hkv, d))
+    ref_cache = cache.clone()
+    keep = slots >= 0
+    write_kv(ref_cache, ref_k[keep], v.reshape(rows, hkv, d)[keep], slots[keep])
+    dev_cache = cache.to(DEVICE)
+    got_q = gemv_norm_rope_kv(x.to(DEVICE), nw.to(DEVICE), 1e-5, w_qkv.to(DEVICE),
+                              b_qkv.to(DEVICE) if bias else None, positions.to(DEVICE), rope.cos_cached.to(DEVICE),
+                              rope.sin_cached.to(DEVICE), dev_cache, slots.to(DEVICE), hq)
+    assert got_q.shape == (rows, hq, d)
+    torch.testing.assert_close(got_q.cpu(), ref_q, **CHAIN_TOL[dtype])
+    torch.testing.assert_close(dev_cache.cpu(), ref_cache, **CHAIN_TOL[dtype])
+    untouched = torch.ones(2, 4 * block_size, dtype=torch.bool)
+    untouched[:, slots[keep]] = False
+    assert torch.equal(dev_cache.cpu().view(2, -1, hkv, d)[untouched], cache.view(2, -1, hkv, d)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_linear(dtype, rows, bias):
+    """x @ W^T (+ b) (+ residual), optionally of RMSNorm(x), with N and K not multiples of the tiles."""
+    from tokenmill.kernels.gemv import gemv_linear
+    gen = torch.Generator().manual_seed(12)
+    n, k = 70, 52
+    x, w, b, res, nw = _fused_weights(gen, dtype, (rows, k), (n, k), (n,), (rows, n), (k,))
+    b = b if bias else None
+    dev = {name: t.to(DEVICE) if t is not None else None for name, t in dict(x=x, w=w, b=b, res=res, nw=nw).items()}
+    ref = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(gemv_linear(dev["x"], dev["w"], dev["b"]).cpu(), ref, **TOL[dtype])
+    got = gemv_linear(dev["x"], dev["w"], dev["b"], residual=dev["res"])
+    torch.testing.assert_close(got.cpu(), ref + res, **CHAIN_TOL[dtype])
+    norm = RMSNorm(k, 1e-5).to(dtype)
+    norm.weight.data = nw
+    got = gemv_linear(dev["x"], dev["w"], dev["b"], norm_weight=dev["nw"], eps=1e-5)
+    torch.testing.assert_close(got.cpu(), torch.nn.functional.linear(norm(x), w, b), **CHAIN_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_norm_silu(dtype, rows):
+    """RMSNorm -> gate/up -> silu(gate) * up in one kernel equals the three unfused steps."""
+    from tokenmill.kernels.gemv import gemv_norm_silu
+    gen = torch.Generator().manual_seed(13)
+    inter, hidden = 44, 48
+    x, w, nw = _fused_weights(gen, dtype, (rows, hidden), (2 * inter, hidden), (hidden,))
+    norm = RMSNorm(hidden, 1e-6).to(dtype)
+    norm.weight.data = nw
+    ref = silu_and_mul(torch.nn.functional.linear(norm(x * 2), w))
+    got = gemv_norm_silu((x * 2).to(DEVICE), nw.to(DEVICE), 1e-6, w.to(DEVICE), None)
+    assert got.shape == (rows, inter)
+    torch.testing.assert_close(got.cpu(), ref, **CHAIN_TOL[dtype])
+
+
+def test_gemv_rejects_large_batches():
+    from tokenmill.kernels.gemv import MAX_FUSED_ROWS, gemv_linear
+    x = torch.zeros(MAX_FUSED_ROWS + 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=f"at most {MAX_FUSED_ROWS} rows, got {MAX_FUSED_ROWS + 1}"):
+        gemv_linear(x, torch.zeros(8, 8, device=DEVICE))
+
+
 def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):
     monkeypatch.setattr(K, "_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -195,6 +195,10 @@ class EngineConfig:
     # "torch" = the reference path everywhere; "triton" = Triton (on CPU only under TRITON_INTERPRET=1).
     kernel_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they need the Triton kernels on CUDA)
+    # Batches of <= 16 tokens on the Triton backend run each decoder layer as 5 fused kernels
+    # (projection + norm / RoPE / KV write / SiLU / residual add; tokenmill/kernels/gemv.py) instead
+    # of cuBLAS plus ~9 small kernels. Off by default until measured faster on the device.
+    fused_gemv: bool = False
     # Schedule and queue step N+1 before reading step N's tokens back (EngineCore.step). None = on
     # when the device is CUDA (where host and device run in parallel), off on the CPU.
     async_scheduling: bool | None = None

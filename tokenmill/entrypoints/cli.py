@@ -28,6 +28,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "never makes the device wait (default: on for CUDA, off on CPU)")
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, PyTorch elsewhere (default)")
+    g.add_argument("--fused-gemv", action="store_true",
+                   help="run decode batches of <= 16 tokens through fused projection kernels (Triton backend)")
     g.add_argument("--request-log", default=None, metavar="PATH",
                    help="append one JSON line per finished request (token ids, cache hits, timings) to PATH")
     g.add_argument("--request-log-max-bytes", type=int, default=256 * 2**20, help="rotate the log past this size")
@@ -40,7 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=not args.no_chunked_prefill, load_format=args.load_format,
                 enable_prefix_caching=not args.no_prefix_caching, request_log_path=args.request_log,
-                enforce_eager=args.enforce_eager, kernel_backend=args.kernel_backend,
+                enforce_eager=args.enforce_eager, kernel_backend=args.kernel_backend, fused_gemv=args.fused_gemv,
                 async_scheduling=args.async_scheduling,
                 request_log_max_bytes=args.request_log_max_bytes)
 

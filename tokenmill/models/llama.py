@@ -3,6 +3,14 @@
 One class serves all four: they differ only in flags of `ModelConfig` (qkv bias, q/k norm, tied
 embeddings, RoPE scaling). q/k/v and gate/up are fused into single matmuls; `load_weights` maps
 the checkpoint's separate HF tensors into the fused ones.
+
+Two forward paths over the same weights. The general one (any batch): norm, linear (cuBLAS),
+RoPE, KV write, attention, ... as separate kernels. With `fused_gemv`, batches of at most
+`gemv.MAX_FUSED_ROWS` tokens on the Triton backend take the fused path instead: the residual
+stream is carried already summed, and each layer is gemv_norm_rope_kv -> attention ->
+gemv_linear(+residual) -> gemv_norm_silu -> gemv_linear(+residual) (tokenmill/kernels/gemv.py),
+5 launches where the general path makes ~13. Same rounding points, so the same tokens up to the
+projections' summation order.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from tokenmill.layers.activation import silu_and_mul
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
+
+try:
+    from tokenmill.kernels import gemv
+except ImportError:  # no triton: only the general path exists
+    gemv = None
 
 
 class Attention(nn.Module):
@@ -48,6 +61,27 @@ class Attention(nn.Module):
         kernels.write_kv(kv_cache, k, v, meta.slot_mapping, backend=self.backend)
         out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def forward_fused(self, positions: torch.Tensor, stream: torch.Tensor, norm: RMSNorm, kv_cache: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """The fused path: `stream` is the summed residual stream; returns stream + attention output."""
+        num_tokens = stream.shape[0]
+        if self.q_norm is None:
+            q = gemv.gemv_norm_rope_kv(stream, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias,
+                                       positions, self.rotary.cos_cached, self.rotary.sin_cached, kv_cache,
+                                       meta.slot_mapping, self.num_heads)
+        else:  # q/k norms need whole heads: norm + projection fused, then the general path's kernels
+            qkv = gemv.gemv_linear(stream, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
+                                   eps=norm.eps)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary(positions, q, k)
+            kernels.write_kv(kv_cache, k, v.view(num_tokens, self.num_kv_heads, self.head_dim), meta.slot_mapping,
+                             backend=self.backend)
+        out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
+        return gemv.gemv_linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias,
+                                residual=stream)
 
 
 class MLP(nn.Module):
@@ -79,16 +113,40 @@ class DecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_fused(self, positions, stream, kv_cache, meta):
+        """The fused path: takes and returns the summed residual stream."""
+        stream = self.self_attn.forward_fused(positions, stream, self.input_layernorm, kv_cache, meta)
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        act = gemv.gemv_norm_silu(stream, norm.weight, norm.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+        return gemv.gemv_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=stream)
+
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: str):
+    def __init__(self, cfg: ModelConfig, max_positions: int, backend: str, fused_gemv: bool = False):
         super().__init__()
+        self.backend = backend
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.fused_gemv = fused_gemv and gemv is not None
+        self.head_dim = cfg.head_dim
+
+    def takes_fused_path(self, input_ids: torch.Tensor) -> bool:
+        """Whether a batch of these tokens runs the fused layers (static in the batch size: a CUDA
+        graph captured for a size replays the path chosen at capture)."""
+        n = input_ids.shape[0]
+        if not self.fused_gemv or n == 0 or n > gemv.MAX_FUSED_ROWS or not kernels.use_triton(input_ids, self.backend):
+            return False
+        # The RoPE epilogue splits each half head into row sets of 8 (one token) or 16 (tl.dot).
+        return (self.head_dim // 2) % (8 if n == 1 else 16) == 0
 
     def forward(self, input_ids, positions, kv_caches, meta):
+        if self.takes_fused_path(input_ids):
+            stream = self.embed_tokens(input_ids)
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                stream = layer.forward_fused(positions, stream, kv_cache, meta)
+            return self.norm(stream)
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -107,12 +165,13 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class DecoderForCausalLM(nn.Module):
     """The model the runner calls: `forward` gives hidden states, `compute_logits` float32 logits.
-    `backend` ("auto", "torch", "triton") picks the kernels, as `tokenmill.kernels.use_triton` resolves it."""
+    `backend` ("auto", "torch", "triton") picks the kernels, as `tokenmill.kernels.use_triton` resolves it;
+    `fused_gemv` lets small batches take the fused path (module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, max_positions: int, backend: str = "auto", fused_gemv: bool = False):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_positions, backend)
+        self.model = DecoderModel(cfg, max_positions, backend, fused_gemv)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:

@@ -72,13 +72,13 @@ def _default_dtype(dtype: torch.dtype):
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
                max_positions: int, load_format: str = "safetensors", seed: int = 0,
-               kernel_backend: str = "auto") -> DecoderForCausalLM:
+               kernel_backend: str = "auto", fused_gemv: bool = False) -> DecoderForCausalLM:
     """Allocate the model directly on `device` in `dtype`, then load (or randomly init) its weights."""
     start = time.perf_counter()
     model_cls = MODEL_REGISTRY[cfg.architecture]
     files = safetensors_files(Path(model_dir)) if load_format == "safetensors" else []
     with _default_dtype(dtype), torch.device(device):
-        model = model_cls(cfg, max_positions, kernel_backend)
+        model = model_cls(cfg, max_positions, kernel_backend, fused_gemv)
     with torch.no_grad():
         if load_format == "dummy":
             model.init_dummy_weights(seed)

@@ -72,7 +72,8 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.model = load_model(engine_config.model, model_config, dtype=dtype, device=device,
                                 max_positions=max_model_len, load_format=engine_config.load_format,
-                                seed=engine_config.seed, kernel_backend=engine_config.kernel_backend)
+                                seed=engine_config.seed, kernel_backend=engine_config.kernel_backend,
+                                fused_gemv=engine_config.fused_gemv)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []

@@ -1,0 +1,329 @@
+"""Fused small-batch projections (GEMV) for decode: each launch does a linear layer and the
+elementwise work around it, so a decoder layer is 5 kernels instead of ~13 at batch 1.
+
+At batch 1 the step is a stream of weight bytes; the separate RMSNorm, RoPE, KV write, SiLU and
+residual-add kernels around cuBLAS's GEMVs cost ~2 us each plus ~1 us of launch gap inside the
+CUDA graph (H200 profile: 0.88 ms of small kernels and 0.43 ms of gaps in a 4.8 ms step). Here:
+
+  gemv_norm_rope_kv  x -> RMSNorm -> qkv projection (+bias) -> RoPE on q and k -> k, v into the
+                     paged cache, q out. One program = HB rows of each half of one head, so the
+                     rotate-half pairs (d, d + D/2) meet in one program's registers.
+  gemv_linear        out = x @ W^T (+bias), then + residual: o_proj and down_proj, each returning
+                     the residual stream the next norm reads (optionally with the RMSNorm prologue and
+                     without the residual: the qkv projection of models with q/k norms).
+  gemv_norm_silu     x -> RMSNorm -> gate/up projection -> silu(gate) * up. One program = HB rows
+                     of gate and the same HB rows of up.
+
+The norm prologue recomputes the row's sum of squares in every program: the row is a few KB read
+from L2, against the program's tens of KB of weights.
+
+Numerics follow the unfused path's rounding points (the torch reference in tokenmill.layers):
+the norm's x.to(dtype) and weight product, the projection's output rounded to the activation
+dtype before RoPE / SiLU / the residual add, each of those rounded as fused_ops does. Only the
+projection's fp32 summation order differs from cuBLAS's. Inputs: 2-D [M, K] activations with a
+contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
+for all M rows); `BLOCK_M` = next power of two of M, tl.dot from 16 rows up, broadcast-sum below.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.kernels import check_launchable, kernels_interpreted
+
+# Largest batch the fused path takes; larger batches are compute-shaped and go to cuBLAS.
+MAX_FUSED_ROWS = 16
+
+
+@triton.jit
+def _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M] fp32 1/rms of each row of x (the RMSNorm prologue's reduction)."""
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        ss += tl.sum(xk * xk, 1)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] activations in fp32, normalised as RMSNorm rounds them when NORM."""
+    k_mask = offs_k < K
+    xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    dt = xk.dtype
+    xk = xk.to(tl.float32)
+    if NORM:
+        xn = (xk * inv_rms[:, None]).to(dt).to(tl.float32)  # x.to(dtype), as HF, before the weight
+        nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        xk = (nw[None, :] * xn).to(dt).to(tl.float32)
+    return xk
+
+
+@triton.jit
+def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BN] += xk [BLOCK_M, BK] @ w[BN, BK]^T, in fp32."""
+    if BLOCK_M == 1:
+        # One row: multiply and reduce on the CUDA cores (tl.dot needs 16 rows).
+        acc += tl.sum(xk * w.to(tl.float32), 1)[None, :]
+    elif UPCAST:
+        acc = tl.dot(xk, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
+                  nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB])."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    inv_rms = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:
+        inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K)
+    acc_a = tl.zeros([BLOCK_M, HB], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
+    wa = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
+    wb = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
+        w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+        w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+        acc_a = _accumulate(acc_a, xk, w_a, BLOCK_M, UPCAST, DOT_PRECISION)
+        acc_b = _accumulate(acc_b, xk, w_b, BLOCK_M, UPCAST, DOT_PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _norm_rope_kv_kernel(
+    x_ptr, nw_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, cache_ptr, slot_ptr,
+    M, K, eps, stride_xm, stride_wn, stride_qt, stride_qh, stride_cos, stride_sin,
+    stride_ckv, stride_cslot, stride_ch,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    CHUNKS: tl.constexpr = HALF // HB
+    pid = tl.program_id(0)
+    head = pid // CHUNKS
+    d = (pid % CHUNKS) * HB + tl.arange(0, HB)  # this program's dims in the first half
+    rows_a = head * HEAD_DIM + d
+    rows_b = rows_a + HALF
+    ones = d >= 0
+    acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, ones, ones,
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+    dt = q_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc_a += tl.load(b_ptr + rows_a).to(tl.float32)[None, :]
+        acc_b += tl.load(b_ptr + rows_b).to(tl.float32)[None, :]
+    x1 = acc_a.to(dt).to(tl.float32)  # the projection's bf16 output
+    x2 = acc_b.to(dt).to(tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if head < NUM_Q_HEADS + NUM_KV_HEADS:  # q and k heads: RoPE, rounded as rotary_triton does
+        pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        c1 = tl.load(cos_ptr + pos[:, None] * stride_cos + d[None, :]).to(dt).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos[:, None] * stride_cos + HALF + d[None, :]).to(dt).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos[:, None] * stride_sin + d[None, :]).to(dt).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos[:, None] * stride_sin + HALF + d[None, :]).to(dt).to(tl.float32)
+        o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    else:  # v heads
+        o1 = x1.to(dt)
+        o2 = x2.to(dt)
+    mask = m_mask[:, None] & ones[None, :]
+    if head < NUM_Q_HEADS:
+        dst = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
+        tl.store(dst, o1, mask=mask)
+        tl.store(dst + HALF, o2, mask=mask)
+    else:
+        kv_head = head - NUM_Q_HEADS
+        which = 0
+        if kv_head >= NUM_KV_HEADS:  # v
+            kv_head -= NUM_KV_HEADS
+            which = 1
+        slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
+        keep = mask & (slot[:, None] >= 0)  # slot -1: a padding row of a CUDA-graph batch
+        ct = cache_ptr.dtype.element_ty
+        dst = cache_ptr + which * stride_ckv + slot[:, None] * stride_cslot + kv_head * stride_ch + d[None, :]
+        tl.store(dst, o1.to(ct), mask=keep)
+        tl.store(dst + HALF, o2.to(ct), mask=keep)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_wn, stride_rm, stride_om,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Two sets of HB consecutive rows: rows [2*HB*pid, 2*HB*pid + 2*HB).
+    rows_a = tl.program_id(0) * 2 * HB + tl.arange(0, HB)
+    rows_b = rows_a + HB
+    mask_a = rows_a < N
+    mask_b = rows_b < N
+    acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
+                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+    if HAS_BIAS:
+        acc_a += tl.load(b_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+        acc_b += tl.load(b_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    _store_rows(acc_a, rows_a, mask_a, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RESIDUAL, BLOCK_M)
+    _store_rows(acc_b, rows_b, mask_b, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RESIDUAL, BLOCK_M)
+
+
+@triton.jit
+def _store_rows(acc, rows, row_mask, M, res_ptr, out_ptr, stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None] & row_mask[None, :]
+    dt = out_ptr.dtype.element_ty
+    y = acc.to(dt)  # the projection's output, rounded as torch's linear returns it
+    if HAS_RESIDUAL:  # then `x + residual` in the activation dtype
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + rows[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(dt)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + rows[None, :], y, mask=mask)
+
+
+@triton.jit
+def _norm_silu_kernel(
+    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, INTER, K, eps, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0) * HB + tl.arange(0, HB)  # output columns = gate rows; up rows + INTER
+    mask_c = cols < INTER
+    acc_g, acc_u = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, cols, cols + INTER, mask_c, mask_c,
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+    dt = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + INTER + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # F.silu in the activation dtype
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], (s * u).to(dt), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+
+# Launch settings per kernel: HB rows per row set, K chunk, warps, pipeline stages.
+# (H200, bf16, 8B shapes: see benchmarks/kernels_bench.py --gemv.)
+GEMV_CONFIGS = {
+    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
+    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
+    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
+}
+
+
+def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
+    """(config, BLOCK_M, launch kwargs). One row: the broadcast-sum path; more: tl.dot on 16 rows,
+    whose N side needs HB >= 16 too."""
+    cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
+    block_m = 1 if m == 1 else MAX_FUSED_ROWS
+    if block_m > 1:
+        cfg["hb"] = max(cfg["hb"], 16)
+    launch = dict(UPCAST=kernels_interpreted(),
+                  DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32")  # tf32: ignored for 16-bit
+    if not kernels_interpreted():
+        launch.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return cfg, block_m, launch
+
+
+def _check_rows(x: torch.Tensor, weight: torch.Tensor) -> None:
+    assert x.dim() == 2 and x.stride(-1) == 1, "activations must be [M, K] with a contiguous last dim"
+    assert weight.dim() == 2 and weight.is_contiguous() and weight.shape[1] == x.shape[1], (x.shape, weight.shape)
+    if x.shape[0] > MAX_FUSED_ROWS:
+        raise ValueError(f"fused GEMV kernels take at most {MAX_FUSED_ROWS} rows, got {x.shape[0]}")
+
+
+def gemv_norm_rope_kv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv_weight: torch.Tensor,
+                      qkv_bias: torch.Tensor | None, positions: torch.Tensor, cos_cache: torch.Tensor,
+                      sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      num_q_heads: int, *, config: dict | None = None) -> torch.Tensor:
+    """q = RoPE(RMSNorm(x) @ Wq^T), with k and v (k rotated) stored at `slot_mapping` in kv_cache.
+
+    x [M, K] (the residual stream), qkv_weight [(Hq + 2 Hkv) * D, K] laid out [q | k | v] as
+    `Attention.qkv_proj`, kv_cache [2, blocks, block_size, Hkv, D], slot -1 = skip. Returns q
+    [M, Hq, D]. Equals RMSNorm -> qkv_proj -> RotaryEmbedding -> write_kv of the unfused path.
+    """
+    _check_rows(x, qkv_weight)
+    m, k = x.shape
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    assert qkv_weight.shape[0] == (num_q_heads + 2 * num_kv_heads) * head_dim, (qkv_weight.shape, kv_cache.shape)
+    assert kv_cache.stride(1) == block_size * kv_cache.stride(2) and kv_cache.stride(4) == 1
+    assert cos_cache.stride(-1) == 1 and sin_cache.stride(-1) == 1
+    cfg, block_m, launch = _launch_args("norm_rope_kv", m, qkv_weight, config)
+    hb = min(cfg["hb"], head_dim // 2)
+    assert (head_dim // 2) % hb == 0, (head_dim, hb)
+    q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return q
+    check_launchable(x, qkv_weight, positions, kv_cache, slot_mapping)
+    grid = ((num_q_heads + 2 * num_kv_heads) * (head_dim // 2 // hb),)
+    _norm_rope_kv_kernel[grid](
+        x, norm_weight, qkv_weight, qkv_bias if qkv_bias is not None else qkv_weight, positions,
+        cos_cache, sin_cache, q, kv_cache, slot_mapping,
+        m, k, float(eps), x.stride(0), qkv_weight.stride(0), q.stride(0), q.stride(1),
+        cos_cache.stride(0), sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_BIAS=qkv_bias is not None,
+        BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
+        **launch)
+    return q
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+                config: dict | None = None) -> torch.Tensor:
+    """[M, N] = (RMSNorm(x) if norm_weight is given else x) @ weight^T + bias, rounded to x's dtype,
+    then + residual when given (o_proj / down_proj returning the new residual stream)."""
+    _check_rows(x, weight)
+    m, k = x.shape
+    n = weight.shape[0]
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(-1) == 1, (residual.shape, (m, n))
+    cfg, block_m, launch = _launch_args("linear", m, weight, config)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    check_launchable(x, weight)
+    hb = cfg["hb"]
+    _linear_kernel[(triton.cdiv(n, 2 * hb),)](
+        x, norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight,
+        residual if residual is not None else out, out, m, n, k, float(eps),
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)), **launch)
+    return out
+
+
+def gemv_norm_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+                   bias: torch.Tensor | None, *, config: dict | None = None) -> torch.Tensor:
+    """silu(gate) * up of RMSNorm(x) @ gate_up_weight^T ([gate | up] rows, as MLP.gate_up_proj): [M, I]."""
+    _check_rows(x, gate_up_weight)
+    m, k = x.shape
+    inter = gate_up_weight.shape[0] // 2
+    assert gate_up_weight.shape[0] == 2 * inter
+    cfg, block_m, launch = _launch_args("norm_silu", m, gate_up_weight, config)
+    out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    check_launchable(x, gate_up_weight)
+    hb = cfg["hb"]
+    _norm_silu_kernel[(triton.cdiv(inter, hb),)](
+        x, norm_weight, gate_up_weight, bias if bias is not None else gate_up_weight, out, m, inter, k, float(eps),
+        x.stride(0), gate_up_weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
+        **launch)
+    return out
