@@ -102,21 +102,43 @@ def timed_single(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
             "decode_tok_s": (new_tokens - 1) / (end - first), "end_to_end_tok_s": new_tokens / (end - start)}
 
 
-def record_steps(core) -> list:
+def record_steps(core) -> dict:
     """Wrap core.step to record each step's (prefill tokens, decode tokens) and, in order, the device
-    times the step timer reports (one list per call; a step's time may arrive with the next call)."""
-    kinds: list[tuple[int, int]] = []
-    times: list = [kinds]
+    times and the idle gaps before them that the step timer reports (a step's figures may arrive
+    with the next call). Restore with `del core.step`."""
+    record = {"kinds": [], "device": [], "idle": []}
     original = core.step
 
     def step():
         out = original()
-        kinds.append((out.stats.num_prefill_tokens, out.stats.num_decode_tokens))
-        times.append(out.stats.step_device_times)
+        record["kinds"].append((out.stats.num_prefill_tokens, out.stats.num_decode_tokens))
+        record["device"] += out.stats.step_device_times
+        record["idle"] += out.stats.step_idle_times
         return out
 
     core.step = step
-    return times
+    return record
+
+
+def step_breakdown(record: dict, wall: float) -> dict:
+    """Device and idle time of the throughput job by step kind. idle[i] is the gap before step
+    i + 1 (the first step has none); what neither covers is host time before the first step and
+    after the last one."""
+    kinds, device, idle = record["kinds"], record["device"], record["idle"]
+    with_prefill = [bool(p) for p, _ in kinds]
+    idle_before = [0.0] + idle
+    gaps = sorted(((g, i) for i, g in enumerate(idle_before)), reverse=True)[:5]
+    return {
+        "steps": len(kinds), "steps_with_prefill": sum(with_prefill), "device_s": sum(device),
+        "device_s_steps_with_prefill": sum(t for p, t in zip(with_prefill, device) if p),
+        "device_s_decode_steps": sum(t for p, t in zip(with_prefill, device) if not p),
+        "idle_s": sum(idle),
+        "idle_s_before_steps_with_prefill": sum(g for p, g in zip(with_prefill, idle_before) if p),
+        "idle_s_before_decode_steps": sum(g for p, g in zip(with_prefill, idle_before) if not p),
+        "outside_steps_s": wall - sum(device) - sum(idle),
+        "largest_gaps": [{"step": i, "idle_ms": g * 1e3, "step_prefill_tokens": kinds[i][0],
+                          "step_decode_tokens": kinds[i][1]} for g, i in gaps if i < len(kinds)],
+        "mean_decode_batch": sum(d for p, d in kinds if not p) / max(1, sum(1 for p, _ in kinds if not p))}
 
 
 def hf_from_engine(llm: LLM, cfg: dict, attn: str):
@@ -245,16 +267,11 @@ def main() -> int:
                        for step in range(args.output_len))
     decode_bound = decode_bytes / ceilings["copy_bytes_per_s"]
     # Where the job's time went: device time of the steps that carried prefill tokens and of the
-    # pure-decode steps, against the wall time (the rest: the device waiting for the host).
-    steps.append(core.runner.step_timer.collect()[0])  # the last step's time completes after the loop
-    device = [t for times in steps[1:] for t in times] if steps else []
-    kinds = steps[0] if steps else []
-    prefill_steps = sum(1 for p, _ in kinds if p)
-    result["throughput_steps"] = {
-        "steps": len(kinds), "steps_with_prefill": prefill_steps, "device_s": sum(device),
-        "device_s_steps_with_prefill": sum(t for (p, _), t in zip(kinds, device) if p),
-        "device_s_decode_steps": sum(t for (p, _), t in zip(kinds, device) if not p),
-        "mean_decode_batch": sum(d for p, d in kinds if not p) / max(1, sum(1 for p, _ in kinds if not p))}
+    # pure-decode steps, and the device's idle gaps before each kind (the device waiting for the host).
+    device_times, idle_times = core.runner.step_timer.collect()  # the last step completes after the loop
+    steps["device"] += device_times
+    steps["idle"] += idle_times
+    result["throughput_steps"] = step_breakdown(steps, wall)
     result["throughput"] = {
         "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len, "wall_s": wall,
         "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + args.requests * args.input_len) / wall,
@@ -295,6 +312,11 @@ def main() -> int:
           f"{t['wall_s']:.2f} s wall: steps with prefill {st['device_s_steps_with_prefill']:.2f} s (roofline "
           f"{t['roofline_prefill_s']:.2f}), decode steps {st['device_s_decode_steps']:.2f} s (roofline "
           f"{t['roofline_decode_s']:.2f}, mean batch {st['mean_decode_batch']:.0f})")
+    print(f"  device idle {st['idle_s']:.3f} s between steps ({st['idle_s_before_steps_with_prefill']:.3f} before "
+          f"steps with prefill, {st['idle_s_before_decode_steps']:.3f} before decode steps), "
+          f"{st['outside_steps_s']:.3f} s before the first / after the last step; largest gaps: "
+          + ", ".join(f"{g['idle_ms']:.1f} ms before step {g['step']} ({g['step_prefill_tokens']}+"
+                      f"{g['step_decode_tokens']} tokens)" for g in st["largest_gaps"][:3]))
     for key in ("hf_latency_128", "hf_throughput", "hf_error"):
         if key in result:
             print(f"{key}: {result[key]}")

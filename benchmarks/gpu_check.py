@@ -58,18 +58,21 @@ def hf_teacher_forced_gap(model, prompt_ids, output_ids, device) -> float:
     return float((logits.max(dim=-1).values - chosen).max())
 
 
-def check_tiny_models(root: Path, steps: int, device: str) -> list[dict]:
+def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool = False) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     rows = []
     for arch in ARCHITECTURES:
-        model_dir = build_tiny_model(root / arch, arch, seed=1)
-        llm = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32)
+        # fused_gemv: head_dim 32, so batches of 2-16 take the fused layers too (their RoPE epilogue
+        # needs half heads in multiples of 16; the default tiny head_dim is 16).
+        model_dir = build_tiny_model(root / arch, arch, seed=1, head_dim=32 if fused_gemv else None)
+        llm = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
+                  fused_gemv=fused_gemv)
         params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
         outs = llm.generate(PROMPTS, params)
         # The same engine with steps run one at a time (no async scheduling): identical tokens.
         sync = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
-                   async_scheduling=False)
+                   async_scheduling=False, fused_gemv=fused_gemv)
         sync_ids = [o.outputs[0].token_ids for o in sync.generate(PROMPTS, params)]
         # Sampled rows (seeded draws, top-p, min_tokens bans, logprobs copied back without a sync).
         sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=steps, min_tokens=4, logprobs=2)
@@ -136,6 +139,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--fused-gemv", action="store_true", help="tiny models through the fused small-batch layers")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -148,7 +152,8 @@ def main() -> int:
 
     result["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
-        result["tiny"] = check_tiny_models(Path(tmp), args.steps, args.device)
+        result["fused_gemv"] = args.fused_gemv
+        result["tiny"] = check_tiny_models(Path(tmp), args.steps, args.device, args.fused_gemv)
         if not args.skip_8b:
             result["llama_8b_shape"] = check_8b(Path(tmp), args.requests, args.max_tokens)
     out = Path(args.out)

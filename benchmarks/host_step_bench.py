@@ -1,6 +1,6 @@
 """Host time of one engine step at a large decode batch, without a model: Scheduler.schedule_step,
 ModelRunner._prepare_inputs (the step's flat inputs, block tables included) and
-Scheduler.update_from_output. Runs on any CPU. With async scheduling this work overlaps the device's
+Scheduler.update_from_output; also for the prefill steps before it (8192 tokens each). Runs on any CPU. With async scheduling this work overlaps the device's
 step; once it is longer than the step (small models, big batches), the device waits for the host.
 
     python benchmarks/host_step_bench.py [--batch 256] [--prompt-len 512] [--steps 50]
@@ -54,8 +54,14 @@ def main() -> int:
         scheduler.update_from_output(out, [SampledToken(5) if c.samples else None for c in out.chunks])
         return t1 - t0, t2 - t1, time.perf_counter() - t2, len(out.chunks)
 
+    prefill_totals, prefill_steps = [0.0, 0.0, 0.0], 0
     while scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
-        step()   # prefill
+        *times, _ = step()   # prefill: 8192-token steps (the throughput job's first steps)
+        prefill_totals = [a + b for a, b in zip(prefill_totals, times)]
+        prefill_steps += 1
+    schedule, prepare, update = (t / prefill_steps * 1e3 for t in prefill_totals)
+    print(f"prefill steps ({prefill_steps}, 8192 tokens each): schedule {schedule:.2f} ms, prepare inputs "
+          f"{prepare:.2f} ms, update {update:.2f} ms per step")
     totals = [0.0, 0.0, 0.0]
     for _ in range(args.steps):
         *times, batch = step()

@@ -201,6 +201,8 @@ def test_engine_writes_the_log_and_the_report_reads_it(llama_dir, tmp_path, caps
     assert (r0["num_cached_tokens"], r1["num_cached_tokens"], salted["num_cached_tokens"]) == (0, 48, 0)
     assert r1["num_cached_tokens"] == second.num_cached_tokens
     assert r0["arrival_time"] <= r0["first_token_time"] <= r0["finish_time"] <= r1["arrival_time"]
+    # generate() requests are FINAL_ONLY: the first token's time still comes from its own step.
+    assert r0["first_token_time"] < r0["finish_time"]
     assert salted["cache_salt_id"] == cache_salt_id("t") and r0["cache_salt_id"] is None
     assert gone["finish_reason"] == "abort" and r0["finish_reason"] == "length"
 

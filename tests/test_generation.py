@@ -136,3 +136,30 @@ def test_chat_uses_template(llama_llm):
     tokenizer = llama_llm.get_tokenizer()
     assert tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) == \
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_output_kind_final_only(llama_llm):
+    """FINAL_ONLY: the engine's step returns a request once, finished, with what CUMULATIVE ends with;
+    CUMULATIVE: one output per step, growing by one token. The first-token time rides on the output."""
+    import time
+
+    from tokenmill.sampling_params import RequestOutputKind
+
+    engine = llama_llm.llm_engine
+    before = time.monotonic()
+    seen = {"final": [], "cumulative": []}
+    for name, kind in (("final", RequestOutputKind.FINAL_ONLY), ("cumulative", RequestOutputKind.CUMULATIVE)):
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, output_kind=kind)
+        engine.add_request(f"kind-{name}", PROMPT, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen["final" if out.request_id == "kind-final" else "cumulative"].append(out)
+    assert len(seen["final"]) == 1 and seen["final"][0].finished
+    assert [len(o.outputs[0].token_ids) for o in seen["cumulative"]] == [1, 2, 3, 4, 5]
+    final, last = seen["final"][0], seen["cumulative"][-1]
+    assert final.outputs[0].token_ids == last.outputs[0].token_ids and final.outputs[0].text == last.outputs[0].text
+    assert before <= final.metrics["first_token_time"] <= time.monotonic()
+    # LLM.generate takes FINAL_ONLY for itself without changing the caller's params.
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    assert llama_llm.generate(PROMPT, params)[0].outputs[0].token_ids == last.outputs[0].token_ids
+    assert params.output_kind is RequestOutputKind.CUMULATIVE

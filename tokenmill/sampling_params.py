@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
 
 # Below this temperature sampling is greedy (as in vLLM); dividing by ~0 would overflow.
 GREEDY_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """Which RequestOutputs a request produces (vLLM's enum; DELTA is not offered).
+
+    CUMULATIVE: one per step that changed the request, each with everything so far (streaming).
+    FINAL_ONLY: only the finished one. `LLM.generate` uses it, so a 256-request batch does not
+    build 256 outputs per step it never looks at.
+    """
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -40,6 +53,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -6,12 +6,13 @@ logprob dicts, and gathers the n sequences of a request with n > 1.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from tokenmill.engine.messages import EngineCoreOutput
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.tokenizer import Tokenizer
 
 
@@ -44,16 +45,21 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[SequenceState]
+    final_only: bool = False  # RequestOutputKind.FINAL_ONLY: no outputs before the finished one
+    first_token_time: float | None = None  # time.monotonic() when the first token arrived
 
     @property
     def finished(self) -> bool:
+        if len(self.sequences) == 1:  # the common case, checked for every request every step
+            return self.sequences[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.sequences)
 
     def output(self) -> RequestOutput:
+        metrics = {} if self.first_token_time is None else {"first_token_time": self.first_token_time}
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids,
                              outputs=[s.completion() for s in self.sequences], finished=self.finished,
-                             num_cached_tokens=self.sequences[0].num_cached_tokens)
+                             num_cached_tokens=self.sequences[0].num_cached_tokens, metrics=metrics)
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
@@ -69,7 +75,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: list[SamplingParams]) -> list[str]:
         """Track a request whose n sequences run under the returned core request ids."""
-        state = RequestState(request_id, prompt, prompt_token_ids, [])
+        final_only = all(p.output_kind is RequestOutputKind.FINAL_ONLY for p in params)
+        state = RequestState(request_id, prompt, prompt_token_ids, [], final_only=final_only)
         for index, seq_params in enumerate(params):
             detok = None
             if seq_params.detokenize and self.tokenizer is not None:
@@ -87,14 +94,18 @@ class OutputProcessor:
         return [s.core_request_id for s in state.sequences if s.finish_reason is None] if state else []
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's outputs. Returns (updated RequestOutputs, core ids stopped by a stop string)."""
+        """Apply one step's outputs. Returns (updated RequestOutputs, core ids stopped by a stop string);
+        a FINAL_ONLY request is in the first list only once it has finished."""
         updated: dict[str, RequestState] = {}
         stopped: list[str] = []
+        now = time.monotonic()
         for out in outputs:
             entry = self.sequences.get(out.request_id)
             if entry is None:
                 continue  # finished here already (stop string) while the core ran one more step
             state, seq = entry
+            if state.first_token_time is None and out.new_token_ids:
+                state.first_token_time = now
             seq.num_cached_tokens = out.num_cached_tokens
             self._apply(seq, out)
             if seq.finish_reason is None and out.finish_reason is None and seq.params.stop \
@@ -110,8 +121,10 @@ class OutputProcessor:
             updated[state.request_id] = state
         results = []
         for state in updated.values():
-            results.append(state.output())
-            if state.finished:
+            finished = state.finished
+            if finished or not state.final_only:
+                results.append(state.output())
+            if finished:
                 self._forget(state)
         return results, stopped
 

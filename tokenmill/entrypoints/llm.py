@@ -9,7 +9,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 _ENGINE_ARGS = {f.name for f in fields(EngineConfig)}
 
@@ -52,6 +52,9 @@ class LLM:
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts")
         engine = self.llm_engine
+        # Only finished outputs are returned: skip building the per-step ones (vLLM does the same).
+        final = RequestOutputKind.FINAL_ONLY
+        params_list = [p if p.output_kind is final else p.clone(output_kind=final) for p in params_list]
         processed = []
         for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
             try:

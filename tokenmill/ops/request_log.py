@@ -132,7 +132,8 @@ class RequestLog:
             if pending is None:
                 continue
             if pending.first_token_time is None and any(c.token_ids for c in output.outputs):
-                pending.first_token_time = now
+                # The output processor's clock when it has one (a FINAL_ONLY request is seen only at the end).
+                pending.first_token_time = output.metrics.get("first_token_time", now)
             if not output.finished:
                 continue
             del self._pending[output.request_id]
