@@ -305,6 +305,24 @@ def bench_elementwise(shape, device, timer, rows, num_tokens):
                     rel_err(cache, cache_ref),
                     {"exact": bool(torch.equal(cache, cache_ref))}))
 
+    # RoPE + KV write in one launch (the general path's) against the two launches it replaces.
+    fused_cache = torch.zeros_like(cache)
+    fq = K.rotary_write_kv_triton(positions, q, k, v, rope.cos_cached, rope.sin_cached, fused_cache, slots)
+    two = torch.zeros_like(cache)
+    K.write_kv_triton(two, rk, v, slots)
+    n = 2 * (q.numel() + 2 * k.numel()) * elt  # read q, k, v; write q, k, v (into the cache)
+
+    def unfused():
+        tq, tk = K.rotary_triton(positions, q, k, rope.cos_cached, rope.sin_cached)
+        K.write_kv_triton(two, tk, v, slots)
+
+    t = timer(lambda: K.rotary_write_kv_triton(positions, q, k, v, rope.cos_cached, rope.sin_cached, fused_cache,
+                                               slots))
+    tr = timer(unfused)
+    rows.append(Row(f"rotary+write_kv T={num_tokens} (vs the two launches)", "elementwise", t, tr, None, "GB/s",
+                    gb(n, t), gb(n, tr), None, max(rel_err(fq, rq), rel_err(fused_cache, two)),
+                    {"exact": bool(torch.equal(fq, oq) and torch.equal(fused_cache, two))}))
+
 
 def sweep(shape, device, timer, smoke: bool) -> list[dict]:
     """Time other tile configurations of the attention kernels (for choosing the defaults)."""

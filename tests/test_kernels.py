@@ -333,6 +333,18 @@ def test_rotary(dtype, scaling):
     torch.testing.assert_close(qd, ref_q, **TOL[dtype])
     torch.testing.assert_close(kd, ref_k, **TOL[dtype])
     assert torch.equal(qkv_dev[:, 6 * head_dim:].cpu(), qkv[:, 6 * head_dim:])
+    # RoPE + KV write in one launch: q as rotary's, the cache as write_kv of rotary's k (slot -1: nothing).
+    v = qkv[:, 6 * head_dim:].view(t, 2, head_dim)
+    slots = torch.tensor([3, 0, -1, 17, 8, 9, 30, -1, 1])
+    cache = torch.full((2, 8, 4, 2, head_dim), POISON, dtype=dtype)
+    expected = cache.clone()
+    keep = slots >= 0
+    write_kv(expected, ref_k.cpu()[keep], v[keep], slots[keep])
+    dev_cache = cache.to(DEVICE)
+    got_q = K.rotary_write_kv_triton(positions.to(DEVICE), q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
+                                     rope.cos_cached, rope.sin_cached, dev_cache, slots.to(DEVICE))
+    torch.testing.assert_close(got_q, ref_q, **TOL[dtype])
+    torch.testing.assert_close(dev_cache.cpu(), expected, **TOL[dtype])
 
 
 # Fused chains (projection -> RoPE / SiLU / residual add) round 16-bit values 2-3 times in a row; a

@@ -5,6 +5,11 @@
   rms_norm_triton(x, weight, eps, residual=None)            ~ layers.norm.RMSNorm
   silu_and_mul_triton(gate_up)                              ~ layers.activation.silu_and_mul
   rotary_triton(positions, q, k, cos_cache, sin_cache)      ~ layers.rotary.RotaryEmbedding.forward
+  rotary_write_kv_triton(positions, q, k, v, cos, sin, kv_cache, slot_mapping)
+                                                            ~ RotaryEmbedding.forward, then write_kv
+  gemv.gemv_norm_rope_kv / gemv_linear / gemv_norm_silu     ~ a decoder layer's projections with the
+                                                              norms, RoPE, KV write, SiLU and residual
+                                                              adds around them (batches <= 16 tokens)
 
 Dispatch: `paged_attention(...)` and `write_kv(...)` take the torch path's arguments plus
 `backend`: "auto" (Triton for CUDA tensors when Triton is installed, else the torch reference),
@@ -66,7 +71,8 @@ def use_triton(tensor: torch.Tensor, backend: str = "auto") -> bool:
 
 
 if HAS_TRITON:
-    from tokenmill.kernels.fused_ops import rms_norm_triton, rotary_triton, silu_and_mul_triton
+    from tokenmill.kernels.fused_ops import (rms_norm_triton, rotary_triton, rotary_write_kv_triton,
+                                             silu_and_mul_triton)
     from tokenmill.kernels.kv_cache import _write_kv_kernel, write_kv_triton
     from tokenmill.kernels.paged_attention import paged_attention_triton
 
@@ -103,5 +109,6 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 __all__ = ["BACKENDS", "HAS_TRITON", "check_launchable", "kernels_interpreted", "paged_attention", "use_triton",
            "write_kv"]
 if HAS_TRITON:
-    __all__ += ["paged_attention_triton", "rms_norm_triton", "rotary_triton", "silu_and_mul_triton",
+    __all__ += ["paged_attention_triton", "rms_norm_triton", "rotary_triton", "rotary_write_kv_triton",
+                "silu_and_mul_triton",
                 "write_kv_triton"]

@@ -167,8 +167,12 @@ def _rotary_kernel(
     n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cos, stride_sin,
+    v_ptr, slot_ptr, stride_vt, stride_vh, stride_ckv, stride_cslot,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    WRITE_KV: tl.constexpr,
 ):
+    # WRITE_KV: k_out_ptr is the KV cache (stride_koh its head stride); rotated k and v go to the
+    # token's slot, nothing for slot -1 (q is still rotated: padding rows are never read).
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -181,8 +185,21 @@ def _rotary_kernel(
     s2 = tl.load(sin_ptr + pos * stride_sin + HALF + offs_d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     _rope_rotate(q_ptr, q_out_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qot, stride_qoh,
                  c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rope_rotate(k_ptr, k_out_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kot, stride_koh,
-                 c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            dst = k_out_ptr + slot * stride_cslot  # the token's K row in the cache (t's stride: 0)
+            _rope_rotate(k_ptr, dst, t, n_k_heads, stride_kt, stride_kh, 0, stride_koh,
+                         c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
+            offs_h = tl.arange(0, BLOCK_HK)
+            offs = tl.arange(0, 2 * BLOCK_HALF)
+            mask = (offs_h[:, None] < n_k_heads) & (offs[None, :] < 2 * HALF)
+            v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs[None, :], mask=mask)
+            tl.store(dst + stride_ckv + offs_h[:, None] * stride_koh + offs[None, :],
+                     v.to(tl.float32).to(k_out_ptr.dtype.element_ty), mask=mask)
+    else:
+        _rope_rotate(k_ptr, k_out_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kot, stride_koh,
+                     c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def rotary_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
@@ -208,15 +225,43 @@ def rotary_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
     if num_tokens == 0:
         return q_out, k_out
     check_launchable(positions, q, k, cos_cache, sin_cache)
+    _launch_rotary(positions, q, k, q_out, k_out, cos_cache, sin_cache, (k_out.stride(0), k_out.stride(1)))
+    return q_out, k_out
+
+
+def rotary_write_kv_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rotary_triton` then `write_kv_triton` in one launch: returns the rotated q (a new tensor)
+    and stores the rotated k and v at `slot_mapping` in kv_cache [2, blocks, block_size, Hkv, D]
+    (slot -1 = skip); the rotated k is never materialised elsewhere."""
+    num_tokens, _, head_dim = q.shape
+    two, _, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
+    assert two == 2 and kv_head_dim == head_dim and k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
+    assert v.stride(-1) == 1 and slot_mapping.shape == (num_tokens,)
+    assert kv_cache.stride(1) == block_size * kv_cache.stride(2) and kv_cache.stride(4) == 1
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    check_launchable(positions, q, k, v, cos_cache, sin_cache, kv_cache, slot_mapping)
+    _launch_rotary(positions, q, k, q_out, kv_cache, cos_cache, sin_cache, (0, kv_cache.stride(3)),
+                   kv=(v, slot_mapping, v.stride(0), v.stride(1), kv_cache.stride(0), kv_cache.stride(2)))
+    return q_out
+
+
+def _launch_rotary(positions, q, k, q_out, k_out, cos_cache, sin_cache, k_out_strides, kv=None) -> None:
+    num_tokens, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[1]
     half = head_dim // 2
+    if kv is None:
+        kv = (q, positions, 0, 0, 0, 0)  # unused
     _rotary_kernel[(num_tokens,)](
         positions, q, k, q_out, k_out, cos_cache, sin_cache,
         n_q_heads, n_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        cos_cache.stride(0), sin_cache.stride(0),
+        q_out.stride(0), q_out.stride(1), *k_out_strides,
+        cos_cache.stride(0), sin_cache.stride(0), *kv,
         HALF=half, BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HK=triton.next_power_of_2(n_k_heads),
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(half), WRITE_KV=k_out.dim() == 5,
         num_warps=4 if n_q_heads * half >= 1024 else 1, enable_fp_fusion=False,
     )
-    return q_out, k_out

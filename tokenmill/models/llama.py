@@ -57,10 +57,18 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        kernels.write_kv(kv_cache, k, v, meta.slot_mapping, backend=self.backend)
+        q = self._rotate_and_store(positions, q, k, v, kv_cache, meta)
         out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def _rotate_and_store(self, positions, q, k, v, kv_cache, meta) -> torch.Tensor:
+        """RoPE on q and k, k and v into the cache; returns the rotated q. One kernel on Triton."""
+        if kernels.use_triton(q, self.backend):
+            return kernels.rotary_write_kv_triton(positions, q, k, v, self.rotary.cos_cached, self.rotary.sin_cached,
+                                                  kv_cache, meta.slot_mapping)
+        q, k = self.rotary(positions, q, k)
+        kernels.write_kv(kv_cache, k, v, meta.slot_mapping, backend=self.backend)
+        return q
 
     def forward_fused(self, positions: torch.Tensor, stream: torch.Tensor, norm: RMSNorm, kv_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
@@ -76,9 +84,8 @@ class Attention(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = self.rotary(positions, q, k)
-            kernels.write_kv(kv_cache, k, v.view(num_tokens, self.num_kv_heads, self.head_dim), meta.slot_mapping,
-                             backend=self.backend)
+            q = self._rotate_and_store(positions, q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim),
+                                       kv_cache, meta)
         out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
         return gemv.gemv_linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias,
                                 residual=stream)
