@@ -345,6 +345,20 @@ def test_rotary(dtype, scaling):
                                      rope.cos_cached, rope.sin_cached, dev_cache, slots.to(DEVICE))
     torch.testing.assert_close(got_q, ref_q, **TOL[dtype])
     torch.testing.assert_close(dev_cache.cpu(), expected, **TOL[dtype])
+    # With Qwen3's per-head q/k norms first.
+    q_norm, k_norm = RMSNorm(head_dim, 1e-6).to(dtype), RMSNorm(head_dim, 1e-6).to(dtype)
+    q_norm.weight.data = torch.randn(head_dim, generator=gen).to(dtype)
+    k_norm.weight.data = torch.randn(head_dim, generator=gen).to(dtype)
+    nq, nk = rope(positions.to(DEVICE), q_norm(q).to(DEVICE), k_norm(k).to(DEVICE))
+    expected = cache.clone()
+    write_kv(expected, nk.cpu()[keep], v[keep], slots[keep])
+    dev_cache = cache.to(DEVICE)
+    got_q = K.rotary_write_kv_triton(positions.to(DEVICE), q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
+                                     rope.cos_cached, rope.sin_cached, dev_cache, slots.to(DEVICE),
+                                     q_norm_weight=q_norm.weight.data.to(DEVICE),
+                                     k_norm_weight=k_norm.weight.data.to(DEVICE), eps=1e-6)
+    torch.testing.assert_close(got_q, nq, **CHAIN_TOL[dtype])
+    torch.testing.assert_close(dev_cache.cpu(), expected, **CHAIN_TOL[dtype])
 
 
 # Fused chains (projection -> RoPE / SiLU / residual add) round 16-bit values 2-3 times in a row; a

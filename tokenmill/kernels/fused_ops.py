@@ -145,7 +145,8 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_rotate(x_ptr, o_ptr, t, n_heads, stride_xt, stride_xh, stride_ot, stride_oh,
-                 c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 c1, c2, s1, s2, nw_ptr, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < n_heads) & (offs_d[None, :] < HALF)
@@ -153,6 +154,13 @@ def _rope_rotate(x_ptr, o_ptr, t, n_heads, stride_xt, stride_xh, stride_ot, stri
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
+    if NORM:  # per-head RMSNorm first (Qwen3's q/k norms), rounded as rms_norm_triton does
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+        dmask = offs_d < HALF
+        w1 = tl.load(nw_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        w2 = tl.load(nw_ptr + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        x1 = (w1[None, :] * (x1 * r[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (w2[None, :] * (x2 * r[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     # HF: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], each op rounded to dt.
     o1 = ((x1 * c1[None, :]).to(dt).to(tl.float32) + (-x2 * s1[None, :]).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)).to(dt)
@@ -167,9 +175,9 @@ def _rotary_kernel(
     n_q_heads, n_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh,
     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cos, stride_sin,
-    v_ptr, slot_ptr, stride_vt, stride_vh, stride_ckv, stride_cslot,
+    v_ptr, slot_ptr, stride_vt, stride_vh, stride_ckv, stride_cslot, qn_ptr, kn_ptr, eps,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    WRITE_KV: tl.constexpr,
+    WRITE_KV: tl.constexpr, QK_NORM: tl.constexpr,
 ):
     # WRITE_KV: k_out_ptr is the KV cache (stride_koh its head stride); rotated k and v go to the
     # token's slot, nothing for slot -1 (q is still rotated: padding rows are never read).
@@ -184,13 +192,13 @@ def _rotary_kernel(
     s1 = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     s2 = tl.load(sin_ptr + pos * stride_sin + HALF + offs_d, mask=dmask, other=0.0).to(dt).to(tl.float32)
     _rope_rotate(q_ptr, q_out_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qot, stride_qoh,
-                 c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
+                 c1, c2, s1, s2, qn_ptr, eps, HALF, BLOCK_HQ, BLOCK_HALF, QK_NORM)
     if WRITE_KV:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             dst = k_out_ptr + slot * stride_cslot  # the token's K row in the cache (t's stride: 0)
             _rope_rotate(k_ptr, dst, t, n_k_heads, stride_kt, stride_kh, 0, stride_koh,
-                         c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
+                         c1, c2, s1, s2, kn_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF, QK_NORM)
             offs_h = tl.arange(0, BLOCK_HK)
             offs = tl.arange(0, 2 * BLOCK_HALF)
             mask = (offs_h[:, None] < n_k_heads) & (offs[None, :] < 2 * HALF)
@@ -199,7 +207,7 @@ def _rotary_kernel(
                      v.to(tl.float32).to(k_out_ptr.dtype.element_ty), mask=mask)
     else:
         _rope_rotate(k_ptr, k_out_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kot, stride_koh,
-                     c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
+                     c1, c2, s1, s2, kn_ptr, eps, HALF, BLOCK_HK, BLOCK_HALF, QK_NORM)
 
 
 def rotary_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
@@ -231,10 +239,13 @@ def rotary_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
 
 def rotary_write_kv_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> torch.Tensor:
+                           slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                           k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """`rotary_triton` then `write_kv_triton` in one launch: returns the rotated q (a new tensor)
     and stores the rotated k and v at `slot_mapping` in kv_cache [2, blocks, block_size, Hkv, D]
-    (slot -1 = skip); the rotated k is never materialised elsewhere."""
+    (slot -1 = skip); the rotated k is never materialised elsewhere. With q/k norm weights ([D]
+    each), q and k are first RMS-normalised per head (Qwen3), as `RMSNorm` would."""
+    assert (q_norm_weight is None) == (k_norm_weight is None), "q and k norms come together"
     num_tokens, _, head_dim = q.shape
     two, _, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
     assert two == 2 and kv_head_dim == head_dim and k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
@@ -244,24 +255,30 @@ def rotary_write_kv_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Te
     if num_tokens == 0:
         return q_out
     check_launchable(positions, q, k, v, cos_cache, sin_cache, kv_cache, slot_mapping)
+    norms = None if q_norm_weight is None else (q_norm_weight, k_norm_weight, float(eps))
     _launch_rotary(positions, q, k, q_out, kv_cache, cos_cache, sin_cache, (0, kv_cache.stride(3)),
-                   kv=(v, slot_mapping, v.stride(0), v.stride(1), kv_cache.stride(0), kv_cache.stride(2)))
+                   kv=(v, slot_mapping, v.stride(0), v.stride(1), kv_cache.stride(0), kv_cache.stride(2)),
+                   norms=norms)
     return q_out
 
 
-def _launch_rotary(positions, q, k, q_out, k_out, cos_cache, sin_cache, k_out_strides, kv=None) -> None:
+def _launch_rotary(positions, q, k, q_out, k_out, cos_cache, sin_cache, k_out_strides, kv=None,
+                   norms=None) -> None:
     num_tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]
     half = head_dim // 2
     if kv is None:
         kv = (q, positions, 0, 0, 0, 0)  # unused
+    qk_norm = norms is not None
+    if norms is None:
+        norms = (q, q, 0.0)  # unused
     _rotary_kernel[(num_tokens,)](
         positions, q, k, q_out, k_out, cos_cache, sin_cache,
         n_q_heads, n_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), *k_out_strides,
-        cos_cache.stride(0), sin_cache.stride(0), *kv,
+        cos_cache.stride(0), sin_cache.stride(0), *kv, *norms,
         HALF=half, BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HK=triton.next_power_of_2(n_k_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), WRITE_KV=k_out.dim() == 5,
+        BLOCK_HALF=triton.next_power_of_2(half), WRITE_KV=k_out.dim() == 5, QK_NORM=qk_norm,
         num_warps=4 if n_q_heads * half >= 1024 else 1, enable_fp_fusion=False,
     )

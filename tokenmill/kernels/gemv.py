@@ -35,17 +35,27 @@ from tokenmill.kernels import check_launchable, kernels_interpreted
 
 # Largest batch the fused path takes; larger batches are compute-shaped and go to cuBLAS.
 MAX_FUSED_ROWS = 16
+MAX_ONE_LOAD_ROW = 8192  # the norm prologue's single-load row, at most 64 fp32 registers per thread
 
 
 @triton.jit
-def _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M] fp32 1/rms of each row of x (the RMSNorm prologue's reduction)."""
-    ss = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+def _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_ROW: tl.constexpr):
+    """[BLOCK_M] fp32 1/rms of each row of x (the RMSNorm prologue's reduction). With BLOCK_ROW
+    (K rounded up to a power of two, when small enough) the row is one load: one memory latency
+    before the weights start streaming, not K / BLOCK_K of them in a row."""
+    if BLOCK_ROW > 0:
+        offs_k = tl.arange(0, BLOCK_ROW)
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        ss += tl.sum(xk * xk, 1)
+        ss = tl.sum(xk * xk, 1)
+    else:
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, 1)
     return tl.rsqrt(ss / K + eps)
 
 
@@ -65,40 +75,54 @@ def _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM:
 
 
 @triton.jit
-def _accumulate(acc, xk, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BN] += xk [BLOCK_M, BK] @ w[BN, BK]^T, in fp32."""
-    if BLOCK_M == 1:
-        # One row: multiply and reduce on the CUDA cores (tl.dot needs 16 rows).
-        acc += tl.sum(xk * w.to(tl.float32), 1)[None, :]
-    elif UPCAST:
-        acc = tl.dot(xk, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
+def _dot_acc(acc, xk, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BN] += xk [BLOCK_M, BK] @ w[BN, BK]^T on the tensor cores (BLOCK_M >= 16)."""
+    if UPCAST:
+        return tl.dot(xk, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(xk.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
                   nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
-                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB])."""
+                  BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB]).
+
+    One row (BLOCK_M == 1): products accumulate elementwise in [HB, BLOCK_K] fp32 registers and
+    are reduced across threads once, after the loop (a reduction per K chunk would put warp
+    shuffles between the weight loads). More rows: tl.dot on 16 padded rows."""
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if NORM:
-        inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K)
-    acc_a = tl.zeros([BLOCK_M, HB], tl.float32)
-    acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
+        inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
     wa = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
     wb = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
-        w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
-        w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
-        acc_a = _accumulate(acc_a, xk, w_a, BLOCK_M, UPCAST, DOT_PRECISION)
-        acc_b = _accumulate(acc_b, xk, w_b, BLOCK_M, UPCAST, DOT_PRECISION)
+    if BLOCK_M == 1:
+        part_a = tl.zeros([HB, BLOCK_K], tl.float32)
+        part_b = tl.zeros([HB, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+            w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+            xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
+            part_a += w_a.to(tl.float32) * xk
+            part_b += w_b.to(tl.float32) * xk
+        acc_a = tl.sum(part_a, 1)[None, :]
+        acc_b = tl.sum(part_b, 1)[None, :]
+    else:
+        acc_a = tl.zeros([BLOCK_M, HB], tl.float32)
+        acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+            w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+            xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
+            acc_a = _dot_acc(acc_a, xk, w_a, UPCAST, DOT_PRECISION)
+            acc_b = _dot_acc(acc_b, xk, w_b, UPCAST, DOT_PRECISION)
     return acc_a, acc_b
 
 
@@ -109,7 +133,7 @@ def _norm_rope_kv_kernel(
     stride_ckv, stride_cslot, stride_ch,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     CHUNKS: tl.constexpr = HALF // HB
@@ -120,7 +144,7 @@ def _norm_rope_kv_kernel(
     rows_b = rows_a + HALF
     ones = d >= 0
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, ones, ones,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a).to(tl.float32)[None, :]
@@ -164,7 +188,7 @@ def _linear_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_wn, stride_rm, stride_om,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Two sets of HB consecutive rows: rows [2*HB*pid, 2*HB*pid + 2*HB).
     rows_a = tl.program_id(0) * 2 * HB + tl.arange(0, HB)
@@ -172,7 +196,7 @@ def _linear_kernel(
     mask_a = rows_a < N
     mask_b = rows_b < N
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
-                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         acc_b += tl.load(b_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
@@ -197,12 +221,12 @@ def _store_rows(acc, rows, row_mask, M, res_ptr, out_ptr, stride_rm, stride_om, 
 def _norm_silu_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, INTER, K, eps, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = tl.program_id(0) * HB + tl.arange(0, HB)  # output columns = gate rows; up rows + INTER
     mask_c = cols < INTER
     acc_g, acc_u = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, cols, cols + INTER, mask_c, mask_c,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
     dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -234,8 +258,11 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
     block_m = 1 if m == 1 else MAX_FUSED_ROWS
     if block_m > 1:
         cfg["hb"] = max(cfg["hb"], 16)
+    k = weight.shape[1]
     launch = dict(UPCAST=kernels_interpreted(),
-                  DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32")  # tf32: ignored for 16-bit
+                  DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
+                  # The norm prologue loads the whole row at once up to this size (registers).
+                  BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0)
     if not kernels_interpreted():
         launch.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return cfg, block_m, launch

@@ -55,17 +55,20 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = self._rotate_and_store(positions, q, k, v, kv_cache, meta)
+        q = self._norm_rotate_store(positions, q, k, v, kv_cache, meta)
         out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
-    def _rotate_and_store(self, positions, q, k, v, kv_cache, meta) -> torch.Tensor:
-        """RoPE on q and k, k and v into the cache; returns the rotated q. One kernel on Triton."""
+    def _norm_rotate_store(self, positions, q, k, v, kv_cache, meta) -> torch.Tensor:
+        """q/k norms (when the model has them), RoPE on q and k, k and v into the cache; returns the
+        rotated q. One kernel on Triton."""
         if kernels.use_triton(q, self.backend):
+            norms = {} if self.q_norm is None else dict(q_norm_weight=self.q_norm.weight,
+                                                        k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
             return kernels.rotary_write_kv_triton(positions, q, k, v, self.rotary.cos_cached, self.rotary.sin_cached,
-                                                  kv_cache, meta.slot_mapping)
+                                                  kv_cache, meta.slot_mapping, **norms)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         kernels.write_kv(kv_cache, k, v, meta.slot_mapping, backend=self.backend)
         return q
@@ -78,14 +81,13 @@ class Attention(nn.Module):
             q = gemv.gemv_norm_rope_kv(stream, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias,
                                        positions, self.rotary.cos_cached, self.rotary.sin_cached, kv_cache,
                                        meta.slot_mapping, self.num_heads)
-        else:  # q/k norms need whole heads: norm + projection fused, then the general path's kernels
+        else:  # q/k norms need whole heads: norm + projection, then norms + RoPE + KV write
             qkv = gemv.gemv_linear(stream, self.qkv_proj.weight, self.qkv_proj.bias, norm_weight=norm.weight,
                                    eps=norm.eps)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-            q = self._rotate_and_store(positions, q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim),
-                                       kv_cache, meta)
+            q = self._norm_rotate_store(positions, q.view(num_tokens, self.num_heads, self.head_dim),
+                                        k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                                        v.view(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, meta)
         out = kernels.paged_attention(q, kv_cache, meta, self.scale, backend=self.backend)
         return gemv.gemv_linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias,
                                 residual=stream)
