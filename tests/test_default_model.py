@@ -80,8 +80,11 @@ def test_generate_without_model_uses_the_default():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tokenmill-code" in result.stderr  # the default model was loaded
-    # plausible: the prompt and the completion's first complete lines are valid Python (a body, not noise)
-    lines = ("def fibonacci(n):" + result.stdout).split("\n")
-    body = [line for line in lines[1:-1] if line.strip()]
-    assert len(body) >= 2 and all(line.startswith((" ", "\t")) for line in body), result.stdout
-    codeop.compile_command("\n".join(lines[:-1]) + "\n", symbol="exec")   # raises SyntaxError if not
+    # plausible: the completion starts with a function body (indented lines up to the first line back at
+    # column 0, where the model may go on with other code) of >= 2 lines that compiles with the prompt
+    lines = ("def fibonacci(n):" + result.stdout).split("\n")[1:-1]   # the last line may be cut off
+    end = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith((" ", "\t"))), len(lines))
+    body = [line for line in lines[:end] if line.strip()]
+    assert len(body) >= 2, result.stdout
+    code = codeop.compile_command("def fibonacci(n):\n" + "\n".join(body) + "\n\n", symbol="exec")
+    assert code is not None, result.stdout  # None: incomplete (an unclosed string or bracket); invalid raises

@@ -371,10 +371,14 @@ def _fused_weights(gen, dtype, *shapes):
     return [(torch.randn(*shape, generator=gen) * 0.3).to(dtype) for shape in shapes]
 
 
+# One row runs the broadcast path, or with mma=True the tl.dot path (as more rows always do).
+GEMV_PATHS = [(1, None), (1, {"mma": True}), (3, None)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows,config", GEMV_PATHS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_norm_rope_kv(dtype, rows, bias):
+def test_gemv_norm_rope_kv(dtype, rows, config, bias):
     """RMSNorm -> qkv -> RoPE -> KV write in one kernel equals the four unfused steps; a slot of -1
     (a graph's padding row) writes nothing; cache slots of other tokens stay as they were."""
     from tokenmill.kernels.gemv import gemv_norm_rope_kv
@@ -399,7 +403,7 @@ def test_gemv_norm_rope_kv(dtype, rows, bias):
     dev_cache = cache.to(DEVICE)
     got_q = gemv_norm_rope_kv(x.to(DEVICE), nw.to(DEVICE), 1e-5, w_qkv.to(DEVICE),
                               b_qkv.to(DEVICE) if bias else None, positions.to(DEVICE), rope.cos_cached.to(DEVICE),
-                              rope.sin_cached.to(DEVICE), dev_cache, slots.to(DEVICE), hq)
+                              rope.sin_cached.to(DEVICE), dev_cache, slots.to(DEVICE), hq, config=config)
     assert got_q.shape == (rows, hq, d)
     torch.testing.assert_close(got_q.cpu(), ref_q, **CHAIN_TOL[dtype])
     torch.testing.assert_close(dev_cache.cpu(), ref_cache, **CHAIN_TOL[dtype])
@@ -409,9 +413,9 @@ def test_gemv_norm_rope_kv(dtype, rows, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows,config", GEMV_PATHS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_linear(dtype, rows, bias):
+def test_gemv_linear(dtype, rows, config, bias):
     """x @ W^T (+ b) (+ residual), optionally of RMSNorm(x), with N and K not multiples of the tiles."""
     from tokenmill.kernels.gemv import gemv_linear
     gen = torch.Generator().manual_seed(12)
@@ -420,18 +424,18 @@ def test_gemv_linear(dtype, rows, bias):
     b = b if bias else None
     dev = {name: t.to(DEVICE) if t is not None else None for name, t in dict(x=x, w=w, b=b, res=res, nw=nw).items()}
     ref = torch.nn.functional.linear(x, w, b)
-    torch.testing.assert_close(gemv_linear(dev["x"], dev["w"], dev["b"]).cpu(), ref, **TOL[dtype])
-    got = gemv_linear(dev["x"], dev["w"], dev["b"], residual=dev["res"])
+    torch.testing.assert_close(gemv_linear(dev["x"], dev["w"], dev["b"], config=config).cpu(), ref, **TOL[dtype])
+    got = gemv_linear(dev["x"], dev["w"], dev["b"], residual=dev["res"], config=config)
     torch.testing.assert_close(got.cpu(), ref + res, **CHAIN_TOL[dtype])
     norm = RMSNorm(k, 1e-5).to(dtype)
     norm.weight.data = nw
-    got = gemv_linear(dev["x"], dev["w"], dev["b"], norm_weight=dev["nw"], eps=1e-5)
+    got = gemv_linear(dev["x"], dev["w"], dev["b"], norm_weight=dev["nw"], eps=1e-5, config=config)
     torch.testing.assert_close(got.cpu(), torch.nn.functional.linear(norm(x), w, b), **CHAIN_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_gemv_norm_silu(dtype, rows):
+@pytest.mark.parametrize("rows,config", GEMV_PATHS)
+def test_gemv_norm_silu(dtype, rows, config):
     """RMSNorm -> gate/up -> silu(gate) * up in one kernel equals the three unfused steps."""
     from tokenmill.kernels.gemv import gemv_norm_silu
     gen = torch.Generator().manual_seed(13)
@@ -440,9 +444,22 @@ def test_gemv_norm_silu(dtype, rows):
     norm = RMSNorm(hidden, 1e-6).to(dtype)
     norm.weight.data = nw
     ref = silu_and_mul(torch.nn.functional.linear(norm(x * 2), w))
-    got = gemv_norm_silu((x * 2).to(DEVICE), nw.to(DEVICE), 1e-6, w.to(DEVICE), None)
+    got = gemv_norm_silu((x * 2).to(DEVICE), nw.to(DEVICE), 1e-6, w.to(DEVICE), None, config=config)
     assert got.shape == (rows, inter)
     torch.testing.assert_close(got.cpu(), ref, **CHAIN_TOL[dtype])
+
+
+def test_gemv_rope_layout_rules():
+    """Which head sizes the RoPE epilogue can split, and the error when asked anyway."""
+    from tokenmill.kernels.gemv import gemv_norm_rope_kv, supports_rope_layout
+    assert supports_rope_layout(1, 128) and supports_rope_layout(16, 128) and supports_rope_layout(1, 16)
+    assert not supports_rope_layout(2, 16)  # tl.dot needs row sets of 16: a half head of 8 is too small
+    x = torch.zeros(2, 8, device=DEVICE)
+    cache = torch.zeros(2, 2, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim 16: half heads must split into row sets of 16 at 2 rows"):
+        gemv_norm_rope_kv(x, torch.ones(8, device=DEVICE), 1e-5, torch.zeros(48, 8, device=DEVICE), None,
+                          torch.zeros(2, dtype=torch.long, device=DEVICE), torch.ones(4, 16, device=DEVICE),
+                          torch.zeros(4, 16, device=DEVICE), cache, torch.zeros(2, dtype=torch.long, device=DEVICE), 1)
 
 
 def test_gemv_rejects_large_batches():

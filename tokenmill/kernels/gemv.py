@@ -102,12 +102,18 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
     if BLOCK_M == 1:
         part_a = tl.zeros([HB, BLOCK_K], tl.float32)
         part_b = tl.zeros([HB, BLOCK_K], tl.float32)
+        # The one row is read as an [HB, BLOCK_K] tile (every row of it row 0, served by L1) so
+        # that it comes in the weight tile's register layout: a [1, BLOCK_K] load would be
+        # converted through shared memory, with barriers, in every iteration.
+        row0 = tl.zeros([HB], tl.int32)
+        all_rows = row0 == 0
+        inv_rms_rows = row0.to(tl.float32) + inv_rms
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
             w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
-            xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
+            xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
             part_a += w_a.to(tl.float32) * xk
             part_b += w_b.to(tl.float32) * xk
         acc_a = tl.sum(part_a, 1)[None, :]
@@ -170,15 +176,16 @@ def _norm_rope_kv_kernel(
         tl.store(dst, o1, mask=mask)
         tl.store(dst + HALF, o2, mask=mask)
     else:
-        kv_head = head - NUM_Q_HEADS
-        which = 0
-        if kv_head >= NUM_KV_HEADS:  # v
-            kv_head -= NUM_KV_HEADS
-            which = 1
+        # k heads, then v heads: arithmetic, not a branch reassigning scalars (the compiler wants
+        # one type per variable across both sides of a runtime `if`).
+        kv = head - NUM_Q_HEADS
+        is_v = (kv >= NUM_KV_HEADS).to(tl.int32)
+        kv_head = kv - is_v * NUM_KV_HEADS
         slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
         keep = mask & (slot[:, None] >= 0)  # slot -1: a padding row of a CUDA-graph batch
         ct = cache_ptr.dtype.element_ty
-        dst = cache_ptr + which * stride_ckv + slot[:, None] * stride_cslot + kv_head * stride_ch + d[None, :]
+        dst = (cache_ptr + is_v.to(tl.int64) * stride_ckv + slot[:, None] * stride_cslot
+               + kv_head.to(tl.int64) * stride_ch + d[None, :])
         tl.store(dst, o1.to(ct), mask=keep)
         tl.store(dst + HALF, o2.to(ct), mask=keep)
 
@@ -242,22 +249,38 @@ def _norm_silu_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 
-# Launch settings per kernel: HB rows per row set, K chunk, warps, pipeline stages.
-# (H200, bf16, 8B shapes: see benchmarks/kernels_bench.py --gemv.)
+# Launch settings per kernel: HB rows per row set, K chunk, warps, pipeline stages, and `mma`: run
+# one row through the tl.dot path too (padded to 16 rows). The two one-row paths differ in how
+# they keep bytes in flight (compiled for sm_90 with triton 3.9, read in the PTX): the broadcast
+# path's loop is 12 16-byte loads and 64 FMAs per thread (no shared memory, no barriers) but is not
+# software-pipelined; the tl.dot path streams the weights through shared memory with cp.async,
+# num_stages - 1 chunks ahead. Not yet measured on the device: benchmarks/gemv_bench.py --sweep.
 GEMV_CONFIGS = {
-    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
-    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
-    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=3),
+    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
+    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
+    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
 }
 
 
-def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
-    """(config, BLOCK_M, launch kwargs). One row: the broadcast-sum path; more: tl.dot on 16 rows,
-    whose N side needs HB >= 16 too."""
+def rows_per_set(kind: str, m: int, config: dict | None = None) -> int:
+    """HB for a launch of `kind` over m rows: tl.dot (more than one row, or `mma`) needs >= 16."""
     cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
-    block_m = 1 if m == 1 else MAX_FUSED_ROWS
-    if block_m > 1:
-        cfg["hb"] = max(cfg["hb"], 16)
+    return cfg["hb"] if m == 1 and not cfg["mma"] else max(cfg["hb"], 16)
+
+
+def supports_rope_layout(m: int, head_dim: int) -> bool:
+    """Whether gemv_norm_rope_kv can split each half head of `head_dim` into its row sets at m rows."""
+    hb = min(rows_per_set("norm_rope_kv", m), head_dim // 2)
+    uses_dot = m > 1 or GEMV_CONFIGS["norm_rope_kv"]["mma"]
+    return head_dim % 2 == 0 and (head_dim // 2) % hb == 0 and (not uses_dot or hb >= 16)
+
+
+def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
+    """(config, BLOCK_M, launch kwargs). One row: the broadcast-sum path unless `mma`; else tl.dot
+    on 16 rows, whose N side needs HB >= 16 too."""
+    cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
+    cfg["hb"] = rows_per_set(kind, m, config)
+    block_m = 1 if m == 1 and not cfg["mma"] else MAX_FUSED_ROWS
     k = weight.shape[1]
     launch = dict(UPCAST=kernels_interpreted(),
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
@@ -293,7 +316,9 @@ def gemv_norm_rope_kv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qk
     assert cos_cache.stride(-1) == 1 and sin_cache.stride(-1) == 1
     cfg, block_m, launch = _launch_args("norm_rope_kv", m, qkv_weight, config)
     hb = min(cfg["hb"], head_dim // 2)
-    assert (head_dim // 2) % hb == 0, (head_dim, hb)
+    if (head_dim // 2) % hb or (block_m > 1 and hb < 16):
+        raise ValueError(f"head_dim {head_dim}: half heads must split into row sets of {cfg['hb']} "
+                         f"at {m} rows (see supports_rope_layout)")
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)
     if m == 0:
         return q

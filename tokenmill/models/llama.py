@@ -147,8 +147,7 @@ class DecoderModel(nn.Module):
         n = input_ids.shape[0]
         if not self.fused_gemv or n == 0 or n > gemv.MAX_FUSED_ROWS or not kernels.use_triton(input_ids, self.backend):
             return False
-        # The RoPE epilogue splits each half head into row sets of 8 (one token) or 16 (tl.dot).
-        return (self.head_dim // 2) % (8 if n == 1 else 16) == 0
+        return gemv.supports_rope_layout(n, self.head_dim)
 
     def forward(self, input_ids, positions, kv_caches, meta):
         if self.takes_fused_path(input_ids):
