@@ -173,29 +173,38 @@ def main() -> int:
                   f"bit-equal {check['bit_equal']:.1%}")
         del layers, per_layer
     if args.sweep:
-        layers = [Layer(s, 1, device, dtype, gen) for _ in range(copies)]
-        grid = list(itertools.product([4, 8, 16], [256, 512, 1024], [4, 8], [1, 3]))
+        # Three families: the one-row broadcast path; one row through tl.dot (mma); 16 rows (tl.dot).
+        families = [("row", 1, [dict(hb=hb, block_k=bk, num_warps=w, num_stages=1)
+                                for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]),
+                    ("mma", 1, [dict(mma=True, dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
+                                for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
+                    ("dot16", 16, [dict(dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
+                                   for bk, st in itertools.product([128, 256, 512], [2, 3, 4])])]
         if args.smoke:
-            grid = grid[:2]
+            families = [(name, min(m, 3), cfgs[:1]) for name, m, cfgs in families]
         kinds = {"norm_rope_kv": ["qkv+norm+rope+kv"], "linear": ["o+residual", "down+residual"],
                  "norm_silu": ["gate_up+norm+silu"]}
-        for kind, names in kinds.items():
-            for hb, bk, warps, stages in grid:
-                cfg = {kind: dict(hb=hb, block_k=bk, num_warps=warps, num_stages=stages)}
-                per_layer = [ops(layer, s, rope, config=cfg) for layer in layers]
+        for family, m, cfgs in families:
+            layers = [Layer(s, m, device, dtype, gen) for _ in range(copies)]
+            for kind, names in kinds.items():
+                for cfg in cfgs:
+                    per_layer = [ops(layer, s, rope, config={kind: cfg}) for layer in layers]
+                    for name in names:
+                        try:
+                            ms = graph_ms([p[name][0] for p in per_layer], device)
+                        except Exception as e:  # a config that does not compile (shared memory, registers)
+                            print(f"  {family} {kind} {cfg}: {type(e).__name__}")
+                            continue
+                        nbytes = per_layer[0][name][2]
+                        result["sweep"].append({"family": family, "rows": m, "op": name, **cfg, "ms": ms,
+                                                "gbps": nbytes / ms / 1e6})
                 for name in names:
-                    try:
-                        ms = graph_ms([p[name][0] for p in per_layer], device)
-                    except Exception as e:  # a config that does not compile (shared memory, registers)
-                        print(f"  {kind} {cfg[kind]}: {type(e).__name__}")
-                        continue
-                    nbytes = per_layer[0][name][2]
-                    result["sweep"].append({"op": name, **cfg[kind], "ms": ms, "gbps": nbytes / ms / 1e6})
-            for name in names:
-                best = sorted((r for r in result["sweep"] if r["op"] == name), key=lambda r: r["ms"])[:3]
-                for r in best:
-                    print(f"sweep {name:20} hb={r['hb']:2} block_k={r['block_k']:4} warps={r['num_warps']} "
-                          f"stages={r['num_stages']}: {r['ms'] * 1e3:6.1f} us {r['gbps']:5.0f} GB/s")
+                    best = sorted((r for r in result["sweep"] if r["op"] == name and r["family"] == family),
+                                  key=lambda r: r["ms"])[:3]
+                    for r in best:
+                        knobs = {k: v for k, v in r.items() if k not in ("family", "rows", "op", "ms", "gbps")}
+                        print(f"sweep {family:5} {name:20} {knobs}: {r['ms'] * 1e3:6.1f} us {r['gbps']:5.0f} GB/s")
+            del layers
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gemv_bench.json").write_text(json.dumps(result, indent=2))

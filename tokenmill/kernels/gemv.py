@@ -249,38 +249,46 @@ def _norm_silu_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 
-# Launch settings per kernel: HB rows per row set, K chunk, warps, pipeline stages, and `mma`: run
-# one row through the tl.dot path too (padded to 16 rows). The two one-row paths differ in how
-# they keep bytes in flight (compiled for sm_90 with triton 3.9, read in the PTX): the broadcast
-# path's loop is 12 16-byte loads and 64 FMAs per thread (no shared memory, no barriers) but is not
-# software-pipelined; the tl.dot path streams the weights through shared memory with cp.async,
-# num_stages - 1 chunks ahead. Not yet measured on the device: benchmarks/gemv_bench.py --sweep.
+# Launch settings per kernel. One row (unless `mma`) takes the broadcast path: hb rows per row
+# set, block_k, num_warps, num_stages. More rows (or `mma`) take the tl.dot path: dot_hb (>= 16,
+# tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. The paths differ in how they
+# keep bytes in flight (compiled for sm_90 with triton 3.9 and read in the PTX, see
+# benchmarks/compile_check.py): the broadcast loop is 12 16-byte loads and 64 FMAs per thread, no
+# shared memory, no barriers, but it is not software-pipelined; tl.dot streams the weights
+# through shared memory with cp.async, num_stages - 1 chunks ahead. At the 8B shape the one-row
+# norm kernels use ~160 registers (3 programs per SM); the 16-row ones with block_k 512 hit the
+# 255 cap, hence dot_block_k 256. Not yet measured on the device: benchmarks/gemv_bench.py --sweep.
+_DOT = dict(dot_hb=16, dot_block_k=256, dot_num_warps=4, dot_num_stages=3)
 GEMV_CONFIGS = {
-    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
-    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
-    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=3, mma=False),
+    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
 }
 
 
-def rows_per_set(kind: str, m: int, config: dict | None = None) -> int:
-    """HB for a launch of `kind` over m rows: tl.dot (more than one row, or `mma`) needs >= 16."""
+def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
+    """(hb, block_k, num_warps, num_stages of the path a launch of `kind` over m rows takes, uses tl.dot)."""
     cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
-    return cfg["hb"] if m == 1 and not cfg["mma"] else max(cfg["hb"], 16)
+    dot = m > 1 or cfg["mma"]
+    keys = ("hb", "block_k", "num_warps", "num_stages")
+    chosen = {k: cfg[f"dot_{k}"] if dot else cfg[k] for k in keys}
+    if dot:
+        chosen["hb"] = max(chosen["hb"], 16)
+    return chosen, dot
 
 
 def supports_rope_layout(m: int, head_dim: int) -> bool:
     """Whether gemv_norm_rope_kv can split each half head of `head_dim` into its row sets at m rows."""
-    hb = min(rows_per_set("norm_rope_kv", m), head_dim // 2)
-    uses_dot = m > 1 or GEMV_CONFIGS["norm_rope_kv"]["mma"]
-    return head_dim % 2 == 0 and (head_dim // 2) % hb == 0 and (not uses_dot or hb >= 16)
+    cfg, dot = _config("norm_rope_kv", m, None)
+    hb = min(cfg["hb"], head_dim // 2)
+    return head_dim % 2 == 0 and hb > 0 and (head_dim // 2) % hb == 0 and (not dot or hb >= 16)
 
 
 def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
-    """(config, BLOCK_M, launch kwargs). One row: the broadcast-sum path unless `mma`; else tl.dot
-    on 16 rows, whose N side needs HB >= 16 too."""
-    cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
-    cfg["hb"] = rows_per_set(kind, m, config)
-    block_m = 1 if m == 1 and not cfg["mma"] else MAX_FUSED_ROWS
+    """(config of the path taken, BLOCK_M, launch kwargs): BLOCK_M is 1 on the broadcast path and 16
+    (rows padded) on the tl.dot path."""
+    cfg, dot = _config(kind, m, config)
+    block_m = MAX_FUSED_ROWS if dot else 1
     k = weight.shape[1]
     launch = dict(UPCAST=kernels_interpreted(),
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
