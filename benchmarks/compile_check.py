@@ -179,9 +179,13 @@ def drive(s: dict, catcher: Catcher) -> None:
                                  k_norm_weight=torch.ones(d, dtype=dt), eps=1e-6)
         K.rms_norm_triton(q, torch.ones(d, dtype=dt), 1e-6)  # per-head (q/k norm) view
         K.write_kv_triton(cache, k, v, slots)
-    catcher.label = "attention, decode batch 1 at 8k (split-K) and mixed prefill"
+    catcher.label = "attention, decode batch 1 at 8k (split-K)"
     q = torch.zeros(1, hq, d, dtype=dt)
     PA.paged_attention_triton(q, cache, _meta([8192], [1], s["block_size"]), d ** -0.5)
+    catcher.label = "attention, decode batch 1 in a graph-sized grid, dynamic partitions"
+    PA.paged_attention_triton(q, cache, _meta([600], [1], s["block_size"]), d ** -0.5, max_decode_seq_len=8192,
+                              partitions="dynamic")
+    catcher.label = "attention, mixed prefill"
     q = torch.zeros(4 + 512, hq, d, dtype=dt)
     PA.paged_attention_triton(q, cache, _meta([700] * 4 + [1024], [1] * 4 + [512], s["block_size"]), d ** -0.5)
 

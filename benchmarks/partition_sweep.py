@@ -28,7 +28,9 @@ from tokenmill import LLM  # noqa: E402
 
 pa = importlib.import_module("tokenmill.kernels.paged_attention")  # the module (the package exports a function of that name)
 
-POLICIES = [(256, 2), (128, 4), (64, 8), (64, 16)]   # (min_partition, programs_per_sm); the first is the default
+# (min_partition, programs_per_sm, partitions): the grid's bound, and whether each request then uses
+# that size ("fixed") or splits its own context over the grid ("dynamic"); the first is the default.
+POLICIES = [(128, 8, "fixed"), (128, 8, "dynamic"), (64, 8, "dynamic"), (256, 2, "fixed")]
 
 
 def main() -> int:
@@ -41,13 +43,14 @@ def main() -> int:
     rng = random.Random(0)
     prompts = {n: [rng.randrange(10, SHAPES[args.shape]["vocab_size"]) for _ in range(n)] for n in (128, 8192)}
     rows = []
-    for min_partition, per_sm in POLICIES:
+    for min_partition, per_sm, mode in POLICIES:
         pa.decode_partition_size = functools.partial(original, min_partition=min_partition, programs_per_sm=per_sm)
+        pa.DECODE_PARTITIONS = mode
         llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=8192 + 272,
                   gpu_memory_utilization=0.5, max_num_seqs=64)
         timed_single(llm, prompts[128], 16)
         timed_single(llm, prompts[8192], 4)
-        row = {"min_partition": min_partition, "programs_per_sm": per_sm,
+        row = {"min_partition": min_partition, "programs_per_sm": per_sm, "partitions": mode,
                "graph_partition_b1": pa.decode_partition_size(1, SHAPES[args.shape]["num_key_value_heads"],
                                                               8192 + 272, torch.cuda.get_device_properties(0)
                                                               .multi_processor_count)}

@@ -215,6 +215,29 @@ def test_paged_attention_zero_length_padding_decode(partition):
     assert torch.equal(out[2].cpu(), torch.zeros_like(out[2].cpu()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_dynamic_partitions(dtype):
+    """partitions="dynamic" under a graph-sized grid: each request splits its own context over the
+    grid's partitions (short ones into single key tiles); same results as the reference, padding
+    rows (seq_len 0) zero, and a fixed partition_size still overrides it."""
+    # 3 requests x 2 kv heads leave the interpreter's 4 "SMs" short of programs: the decode splits,
+    # into 6 graph partitions of 704 keys (fixed); dynamic: 128-key partitions for the 700-token
+    # context (6 of them), one 64-key partition for the 65-token one.
+    specs = [(700, 1), (65, 1), (1, 1)]
+    q, kv_cache, meta = make_batch(specs, num_heads=8, num_kv_heads=2, head_dim=16, block_size=16, dtype=dtype)
+    assert decode_partition_size(3, 2, 4096, 4) == 704
+    ref = _reference(q, kv_cache, meta, 0.25)
+    meta.seq_lens[2] = 0
+    meta.block_tables[2] = 0
+    meta.seq_lens_cpu[2] = 0
+    out = torch.full_like(q, float("nan"))
+    K.paged_attention_triton(q, kv_cache, meta, 0.25, out=out, max_decode_seq_len=4096, partitions="dynamic")
+    torch.testing.assert_close(out[:2].float().cpu(), ref[:2], **TOL[dtype])
+    assert torch.equal(out[2].cpu(), torch.zeros_like(out[2].cpu()))
+    with pytest.raises(ValueError, match="partitions must be 'fixed' or 'dynamic', got 'auto'"):
+        K.paged_attention_triton(q, kv_cache, meta, 0.25, max_decode_seq_len=4096, partitions="auto")
+
+
 def test_decode_partition_size_policy():
     # Batch 1 at 8k on an H100/H200 (132 SMs), 8 kv heads: 128-key partitions, 64 x 8 = 512 programs.
     assert decode_partition_size(1, 8, 8192, 132) == 128

@@ -171,13 +171,15 @@ def _decode_kernel(
     stride_kv, stride_blk, stride_tok, stride_kvh, stride_bt,
     stride_pr, stride_ph, stride_pp,  # partial outputs [nd, Hq, P, D]; lse [nd, Hq, P] uses them / D
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, DYNAMIC: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
+    if DYNAMIC:  # this request's own partition size (see _dynamic_partition)
+        partition_size = _dynamic_partition(seq_len, tl.num_programs(2), BLOCK_N)
     start = part * partition_size
     if (part > 0) & (start >= seq_len):  # partition 0 always runs: a seq_len 0 (padding) row gets zeros
         return
@@ -218,16 +220,27 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["partition_size"])
+@triton.jit
+def _dynamic_partition(seq_len, num_parts, BLOCK_N: tl.constexpr):
+    """Keys per partition when each request splits its own context over the grid's `num_parts`
+    partitions (whole key tiles, at least one): a CUDA graph's grid is sized for max_model_len, so
+    a fixed size leaves a short context on a few long partitions while the rest exit at once."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["partition_size", "grid_parts"])
 def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, partition_size,
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, partition_size, grid_parts,
     stride_ot, stride_oh, stride_pr, stride_ph, stride_pp,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DYNAMIC: tl.constexpr,
 ):
     """out[r, h] = sum_p 2^(lse_p - max) * o_p / sum_p 2^(lse_p - max) over the used partitions."""
     req = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
+    if DYNAMIC:
+        partition_size = _dynamic_partition(seq_len, grid_parts, BLOCK_N)
     num_parts = tl.cdiv(seq_len, partition_size)
     base = req.to(tl.int64) * stride_pr + head.to(tl.int64) * stride_ph
     offs_p = tl.arange(0, BLOCK_P)
@@ -311,10 +324,17 @@ def decode_partition_size(num_decodes: int, num_kv_heads: int, max_seq_len: int,
     return min(one, max(size, min_partition))
 
 
+# Decode partitions under a graph-sized grid: "fixed" = one size for all requests, from the grid's
+# bound (decode_partition_size, measured); "dynamic" = each request divides its own context over the
+# grid's partitions (_dynamic_partition): the same size at a long context, finer at a short one.
+# Not yet measured end to end: benchmarks/partition_sweep.py compares them.
+DECODE_PARTITIONS = "fixed"
+
+
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            *, out: torch.Tensor | None = None, partition_size: int | None = None,
                            max_decode_seq_len: int | None = None, block_m: int | None = None,
-                           block_n: int | None = None) -> torch.Tensor:
+                           block_n: int | None = None, partitions: str | None = None) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over each request's paged context; returns out [T, Hq, D].
 
     Drop-in for `paged_attention_torch`. Keyword-only extras:
@@ -327,6 +347,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
         size and stays valid for any later seq lens (partitions past a request's end exit at once;
         padding decodes with seq_len 0 get zero rows).
       block_m, block_n: prefill tile rows (query tokens x group) and keys; default `prefill_config`.
+      partitions: "fixed" or "dynamic" (see DECODE_PARTITIONS, the default); "dynamic" applies
+        when the decode is split and partition_size is not given.
     """
     num_tokens, num_heads, head_dim = q.shape
     two, _, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
@@ -361,12 +383,17 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
         if partition_size is not None:
             block_n_dec = max(_MIN_DOT, min(block_n_dec, partition_size))
         max_len = max_decode_seq_len if max_decode_seq_len is not None else max(meta.seq_lens_cpu[:nd])
+        assert partition_size is None or partition_size % block_n_dec == 0 or partition_size >= max_len, \
+            f"partition_size must be a multiple of {block_n_dec}"
+        explicit_partition = partition_size is not None
         if partition_size is None:
             partition_size = decode_partition_size(nd, num_kv_heads, max_len, _sm_count(q.device), block_n_dec)
-        assert partition_size % block_n_dec == 0 or partition_size >= max_len, \
-            f"partition_size must be a multiple of {block_n_dec}"
         num_parts = triton.cdiv(max_len, partition_size)
         split = num_parts > 1
+        mode = partitions or DECODE_PARTITIONS
+        if mode not in ("fixed", "dynamic"):
+            raise ValueError(f"partitions must be 'fixed' or 'dynamic', got {mode!r}")
+        dynamic = split and mode == "dynamic" and not explicit_partition
         if split:
             part_out = torch.empty((nd, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((nd, num_heads, num_parts), dtype=torch.float32, device=q.device)
@@ -379,17 +406,17 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
             *kv_strides, bt.stride(0),
             num_heads * num_parts * head_dim, num_parts * head_dim, head_dim,
             GROUP=group, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-            BLOCK_N=block_n_dec, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split,
+            BLOCK_N=block_n_dec, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, DYNAMIC=dynamic,
             UPCAST=upcast, DOT_PRECISION=precision,
             num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
         )
         if split:
             _decode_reduce_kernel[(nd, num_heads)](
-                out, part_out, part_lse, meta.seq_lens, partition_size,
+                out, part_out, part_lse, meta.seq_lens, partition_size, num_parts,
                 out.stride(0), out.stride(1),
                 num_heads * num_parts * head_dim, num_parts * head_dim, head_dim,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
-                num_warps=4,
+                BLOCK_N=block_n_dec, DYNAMIC=dynamic, num_warps=4,
             )
 
     num_prefills = num_reqs - nd
