@@ -174,8 +174,9 @@ def main() -> int:
         del layers, per_layer
     if args.sweep:
         # Three families: the one-row broadcast path; one row through tl.dot (mma); 16 rows (tl.dot).
-        families = [("row", 1, [dict(hb=hb, block_k=bk, num_warps=w, num_stages=1)
-                                for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]),
+        families = [("row", 1, [dict(hb=hb, block_k=bk, fold=8, num_warps=w, num_stages=1)
+                                for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]
+                     + [dict(hb=hb, block_k=bk, fold=1, num_warps=4, num_stages=1) for hb, bk in ((4, 1024), (8, 512))]),
                     ("mma", 1, [dict(mma=True, dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
                                 for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
                     ("dot16", 16, [dict(dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)

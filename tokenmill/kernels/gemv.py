@@ -75,6 +75,16 @@ def _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM:
 
 
 @triton.jit
+def _fold(prod, HB: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+    """[HB, BLOCK_K] -> [HB, BLOCK_K // FOLD]: sums of FOLD neighbouring products. Each thread
+    holds 8 neighbours (one 16-byte load), so the sums stay within threads (no shuffles in the
+    loop's PTX) and the accumulator shrinks FOLD times: registers for more programs per SM."""
+    if FOLD == 1:
+        return prod
+    return tl.sum(tl.reshape(prod, [HB, BLOCK_K // FOLD, FOLD]), 2)
+
+
+@triton.jit
 def _dot_acc(acc, xk, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [BLOCK_M, BN] += xk [BLOCK_M, BK] @ w[BN, BK]^T on the tensor cores (BLOCK_M >= 16)."""
     if UPCAST:
@@ -85,7 +95,7 @@ def _dot_acc(acc, xk, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
                   nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB]).
 
@@ -100,8 +110,8 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
     wa = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
     wb = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
     if BLOCK_M == 1:
-        part_a = tl.zeros([HB, BLOCK_K], tl.float32)
-        part_b = tl.zeros([HB, BLOCK_K], tl.float32)
+        part_a = tl.zeros([HB, BLOCK_K // FOLD], tl.float32)
+        part_b = tl.zeros([HB, BLOCK_K // FOLD], tl.float32)
         # The one row is read as an [HB, BLOCK_K] tile (every row of it row 0, served by L1) so
         # that it comes in the weight tile's register layout: a [1, BLOCK_K] load would be
         # converted through shared memory, with barriers, in every iteration.
@@ -114,8 +124,8 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
             w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
             w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
             xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
-            part_a += w_a.to(tl.float32) * xk
-            part_b += w_b.to(tl.float32) * xk
+            part_a += _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+            part_b += _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
         acc_a = tl.sum(part_a, 1)[None, :]
         acc_b = tl.sum(part_b, 1)[None, :]
     else:
@@ -139,7 +149,7 @@ def _norm_rope_kv_kernel(
     stride_ckv, stride_cslot, stride_ch,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     CHUNKS: tl.constexpr = HALF // HB
@@ -150,7 +160,7 @@ def _norm_rope_kv_kernel(
     rows_b = rows_a + HALF
     ones = d >= 0
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, ones, ones,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a).to(tl.float32)[None, :]
@@ -195,7 +205,7 @@ def _linear_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_wn, stride_rm, stride_om,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Two sets of HB consecutive rows: rows [2*HB*pid, 2*HB*pid + 2*HB).
     rows_a = tl.program_id(0) * 2 * HB + tl.arange(0, HB)
@@ -203,7 +213,7 @@ def _linear_kernel(
     mask_a = rows_a < N
     mask_b = rows_b < N
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
-                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         acc_b += tl.load(b_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
@@ -228,12 +238,12 @@ def _store_rows(acc, rows, row_mask, M, res_ptr, out_ptr, stride_rm, stride_om, 
 def _norm_silu_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, INTER, K, eps, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = tl.program_id(0) * HB + tl.arange(0, HB)  # output columns = gate rows; up rows + INTER
     mask_c = cols < INTER
     acc_g, acc_u = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, cols, cols + INTER, mask_c, mask_c,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
     dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -250,19 +260,23 @@ def _norm_silu_kernel(
 # Host side
 
 # Launch settings per kernel. One row (unless `mma`) takes the broadcast path: hb rows per row
-# set, block_k, num_warps, num_stages. More rows (or `mma`) take the tl.dot path: dot_hb (>= 16,
-# tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. The paths differ in how they
-# keep bytes in flight (compiled for sm_90 with triton 3.9 and read in the PTX, see
-# benchmarks/compile_check.py): the broadcast loop is 12 16-byte loads and 64 FMAs per thread, no
-# shared memory, no barriers, but it is not software-pipelined; tl.dot streams the weights
-# through shared memory with cp.async, num_stages - 1 chunks ahead. At the 8B shape the one-row
-# norm kernels use ~160 registers (3 programs per SM); the 16-row ones with block_k 512 hit the
-# 255 cap, hence dot_block_k 256. Not yet measured on the device: benchmarks/gemv_bench.py --sweep.
+# set, block_k, fold, num_warps, num_stages. More rows (or `mma`) take the tl.dot path: dot_hb
+# (>= 16, tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. From the compiled code
+# (sm_90, triton 3.9 and 3.6, benchmarks/compile_check.py and the PTX):
+# - the broadcast loop is 12 16-byte loads per thread and the products, nothing else (no shared
+#   memory, no barriers, no shuffles), but it is not software-pipelined; `fold` sums each thread's
+#   products 8 to 1 before accumulating, which takes the plain projection from 128 to 76
+#   registers (64 with triton 3.6), so ~6 programs fit an SM;
+# - tl.dot streams the weights through shared memory with cp.async, num_stages - 1 chunks ahead;
+#   the 16-row norm kernels hit the 255-register cap at block_k 512, hence dot_block_k 256.
+# Bytes in flight per SM (~50 KB wanted for an H200's 4.4 TB/s at ~1.5 us of latency) are
+# programs per SM x 2 x hb x block_k x 2 B: o_proj and down_proj (4096 rows, 512 programs at hb 4)
+# take block_k 1024 for 16 KB a program. Guesses, not yet measured: benchmarks/gemv_bench.py --sweep.
 _DOT = dict(dot_hb=16, dot_block_k=256, dot_num_warps=4, dot_num_stages=3)
 GEMV_CONFIGS = {
-    "norm_rope_kv": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
-    "linear": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
-    "norm_silu": dict(hb=8, block_k=512, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "norm_rope_kv": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "linear": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "norm_silu": dict(hb=8, block_k=512, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
 }
 
 
@@ -272,6 +286,7 @@ def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
     dot = m > 1 or cfg["mma"]
     keys = ("hb", "block_k", "num_warps", "num_stages")
     chosen = {k: cfg[f"dot_{k}"] if dot else cfg[k] for k in keys}
+    chosen["fold"] = 1 if dot else cfg["fold"]
     if dot:
         chosen["hb"] = max(chosen["hb"], 16)
     return chosen, dot
@@ -293,7 +308,8 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
     launch = dict(UPCAST=kernels_interpreted(),
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
                   # The norm prologue loads the whole row at once up to this size (registers).
-                  BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0)
+                  BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0,
+                  FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)))
     if not kernels_interpreted():
         launch.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return cfg, block_m, launch
