@@ -70,7 +70,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
             aligned = False
         elif isinstance(value, int):
             sig[name] = "i64" if abs(value) >= 2**31 else "i32"
-            aligned = value % 16 == 0 and value != 0
+            aligned = value % 16 == 0  # as triton specialises a launch (0 included)
         elif isinstance(value, float):
             sig[name] = "fp32"
             aligned = False
