@@ -93,15 +93,24 @@ def _dot_acc(acc, xk, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K):
+    """The K chunk offs_k of both row sets (row pointers wa, wb)."""
+    k_mask = offs_k < K
+    w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+    w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+    return w_a, w_b
+
+
+@triton.jit
 def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
                   nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB]).
 
-    One row (BLOCK_M == 1): products accumulate elementwise in [HB, BLOCK_K] fp32 registers and
-    are reduced across threads once, after the loop (a reduction per K chunk would put warp
-    shuffles between the weight loads). More rows: tl.dot on 16 padded rows."""
+    One row (BLOCK_M == 1): products accumulate elementwise in [HB, BLOCK_K // FOLD] fp32
+    registers and are reduced across threads once, after the loop (a reduction per K chunk would
+    put warp shuffles between the weight loads). More rows: tl.dot on 16 padded rows."""
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     inv_rms = tl.zeros([BLOCK_M], tl.float32)
@@ -120,9 +129,7 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
         inv_rms_rows = row0.to(tl.float32) + inv_rms
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
-            w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+            w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
             xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
             part_a += _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
             part_b += _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
@@ -133,9 +140,7 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
         acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            w_a = tl.load(wa + offs_k[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
-            w_b = tl.load(wb + offs_k[None, :], mask=mask_b[:, None] & k_mask[None, :], other=0.0)
+            w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
             xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
             acc_a = _dot_acc(acc_a, xk, w_a, UPCAST, DOT_PRECISION)
             acc_b = _dot_acc(acc_b, xk, w_b, UPCAST, DOT_PRECISION)
@@ -309,6 +314,7 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
                   # The norm prologue loads the whole row at once up to this size (registers).
                   BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0,
+                  BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
                   FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)))
     if not kernels_interpreted():
         launch.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -354,7 +360,7 @@ def gemv_norm_rope_kv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qk
         m, k, float(eps), x.stride(0), qkv_weight.stride(0), q.stride(0), q.stride(1),
         cos_cache.stride(0), sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HAS_BIAS=qkv_bias is not None,
-        BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
+        BLOCK_M=block_m, HB=hb,
         **launch)
     return q
 
@@ -380,7 +386,7 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         residual if residual is not None else out, out, m, n, k, float(eps),
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)), **launch)
+        BLOCK_M=block_m, HB=hb, **launch)
     return out
 
 
@@ -400,6 +406,6 @@ def gemv_norm_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_
     _norm_silu_kernel[(triton.cdiv(inter, hb),)](
         x, norm_weight, gate_up_weight, bias if bias is not None else gate_up_weight, out, m, inter, k, float(eps),
         x.stride(0), gate_up_weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, HB=hb, BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, HB=hb,
         **launch)
     return out
