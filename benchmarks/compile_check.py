@@ -78,7 +78,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
             raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(value).__name__}")
         if aligned and i not in no_spec and name not in no_spec:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
     return sig, constexprs, attrs, options
 
 
