@@ -141,8 +141,11 @@ def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
               fused_gemv=True, enforce_eager=True)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
     outputs = llm.generate(PROMPTS[:3], params)
-    num_layers = len(llm.llm_engine.core.runner.model.model.layers)
-    assert calls["norm_silu"] >= num_layers * 5, calls  # every step took the fused path
+    model = llm.llm_engine.core.runner.model.model
+    assert calls["norm_silu"] >= len(model.layers) * 5, calls  # every step took the fused path
+    ids = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+    assert model.takes_fused_path(ids(1)) and model.takes_fused_path(ids(16))
+    assert not model.takes_fused_path(ids(17)) and not model.takes_fused_path(ids(0))  # 17+: cuBLAS
     for out in outputs:
         ref_ids, ref_logprobs = hf_greedy(model_dir, out.prompt_token_ids, 5)
         got = out.outputs[0]
