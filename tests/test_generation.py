@@ -163,3 +163,17 @@ def test_output_kind_final_only(llama_llm):
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     assert llama_llm.generate(PROMPT, params)[0].outputs[0].token_ids == last.outputs[0].token_ids
     assert params.output_kind is RequestOutputKind.CUMULATIVE
+
+
+def test_plain_greedy_argmax_in_model_dtype_matches_sampler(llama_dir):
+    """Plain greedy takes the argmax of bf16 logits (no float32 copy); the sampler's float32 greedy
+    (asked for here through logprobs) picks the same tokens: the cast is exact."""
+    from tokenmill import LLM
+
+    llm = LLM(str(llama_dir), dtype="bfloat16", num_kv_blocks=64)
+    plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    prompts = [PROMPT, "def f(x):", "1, 2, 3,"]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, with_logprobs)]
+    assert got == ref

@@ -189,9 +189,12 @@ class DecoderForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits of `hidden`'s rows; float32 (what the sampler needs) or in the model's dtype (enough
+        for an argmax: the cast to float32 is exact, so it changes neither the max nor its index)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        logits = hidden @ weight.t()
+        return logits.float() if float32 else logits
 
     def _shard_slices(self, fused: str) -> list[tuple[int, int]]:
         cfg = self.config

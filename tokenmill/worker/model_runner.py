@@ -179,10 +179,12 @@ class ModelRunner:
             self.step_timer.stop()
             return LaunchedStep(order, chunks, None)
         all_rows = len(sampling_chunks) == len(chunks) == hidden.shape[0]  # pure decode: no gather
-        logits = self.model.compute_logits(hidden if all_rows else hidden[logits_rows])
+        rows = hidden if all_rows else hidden[logits_rows]
         if all(_plain_greedy(c) for c in sampling_chunks):
-            tokens, logprobs = logits.argmax(dim=-1), None  # no per-row tensors to build
+            # No per-row tensors to build, and no float32 copy of the logits to write and read back.
+            tokens, logprobs = self.model.compute_logits(rows, float32=False).argmax(dim=-1), None
         else:
+            logits = self.model.compute_logits(rows)
             tokens, logprobs = self.sampler(logits, self._sampling_metadata(sampling_chunks, logits.shape[1]))
         self.step_timer.stop()
         return LaunchedStep(order, chunks, tokens, logprobs)
