@@ -295,7 +295,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(llama_dir):
 
         def stream_one():
             with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                              json={"prompt": "last", "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
+                              json={"prompt": "last", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
                 streamed.extend(line for line in r.iter_lines() if line)
 
         t = threading.Thread(target=stream_one)

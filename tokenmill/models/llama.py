@@ -172,7 +172,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class DecoderForCausalLM(nn.Module):
-    """The model the runner calls: `forward` gives hidden states, `compute_logits` float32 logits.
+    """The model the runner calls: `forward` gives hidden states, `compute_logits` logits (float32 by default).
     `backend` ("auto", "torch", "triton") picks the kernels, as `tokenmill.kernels.use_triton` resolves it;
     `fused_gemv` lets small batches take the fused path (module docstring)."""
 
