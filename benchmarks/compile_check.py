@@ -152,7 +152,7 @@ def drive(s: dict, catcher: Catcher) -> None:
     w_qkv, w_o = torch.zeros((hq + 2 * hkv) * d, h, dtype=dt), torch.zeros(h, hq * d, dtype=dt)
     w_gu, w_down = torch.zeros(2 * inter, h, dtype=dt), torch.zeros(h, inter, dtype=dt)
     nw = torch.ones(h, dtype=dt)
-    for m in (1, 16):
+    for m in (1, 16, 64):
         x = torch.zeros(m, h, dtype=dt)
         pos, slots = torch.zeros(m, dtype=torch.int64), torch.zeros(m, dtype=torch.int64)
         configs = [("", None)] + ([(" mma", {"mma": True})] if m == 1 else [])

@@ -136,7 +136,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--smoke", action="store_true")

@@ -395,7 +395,7 @@ def _fused_weights(gen, dtype, *shapes):
 
 
 # One row runs the broadcast path, or with mma=True the tl.dot path (as more rows always do).
-GEMV_PATHS = [(1, None), (1, {"mma": True}), (3, None)]
+GEMV_PATHS = [(1, None), (1, {"mma": True}), (3, None), (33, None)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -413,9 +413,11 @@ def test_gemv_norm_rope_kv(dtype, rows, config, bias):
     norm = RMSNorm(hidden, 1e-5).to(dtype)
     norm.weight.data = nw
     rope = RotaryEmbedding(d, 64, 10000.0, None)
-    positions = torch.tensor([5, 0, 63][:rows])
-    slots = torch.tensor([9, -1, 2][:rows])
-    cache = torch.full((2, 4, block_size, hkv, d), POISON, dtype=dtype)
+    positions = torch.tensor([5, 0, 63] + [(7 * i) % 64 for i in range(3, rows)])[:rows]
+    num_blocks = 12
+    others = [i for i in torch.randperm(num_blocks * block_size, generator=gen).tolist() if i not in (9, 2)]
+    slots = torch.tensor([9, -1, 2] + others)[:rows]  # distinct slots, one padding row
+    cache = torch.full((2, num_blocks, block_size, hkv, d), POISON, dtype=dtype)
     # Reference: the unfused path's four steps.
     qkv = torch.nn.functional.linear(norm(x), w_qkv, b_qkv if bias else None)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -430,7 +432,7 @@ def test_gemv_norm_rope_kv(dtype, rows, config, bias):
     assert got_q.shape == (rows, hq, d)
     torch.testing.assert_close(got_q.cpu(), ref_q, **CHAIN_TOL[dtype])
     torch.testing.assert_close(dev_cache.cpu(), ref_cache, **CHAIN_TOL[dtype])
-    untouched = torch.ones(2, 4 * block_size, dtype=torch.bool)
+    untouched = torch.ones(2, num_blocks * block_size, dtype=torch.bool)
     untouched[:, slots[keep]] = False
     assert torch.equal(dev_cache.cpu().view(2, -1, hkv, d)[untouched], cache.view(2, -1, hkv, d)[untouched])
 

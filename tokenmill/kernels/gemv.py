@@ -33,8 +33,11 @@ import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
 
-# Largest batch the fused path takes; larger batches are compute-shaped and go to cuBLAS.
-MAX_FUSED_ROWS = 16
+# Largest batch the kernels take (tl.dot on 16, 32 or 64 padded rows), and the largest the model
+# sends them (`DecoderModel.takes_fused_path`): up to 16 until the device says where cuBLAS starts
+# to win (benchmarks/gemv_bench.py times 1-64 rows both ways).
+MAX_FUSED_ROWS = 64
+ENGINE_FUSED_ROWS = 16
 MAX_ONE_LOAD_ROW = 8192  # the norm prologue's single-load row, at most 64 fp32 registers per thread
 
 
@@ -305,10 +308,12 @@ def supports_rope_layout(m: int, head_dim: int) -> bool:
 
 
 def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
-    """(config of the path taken, BLOCK_M, launch kwargs): BLOCK_M is 1 on the broadcast path and 16
-    (rows padded) on the tl.dot path."""
+    """(config of the path taken, BLOCK_M, launch kwargs): BLOCK_M is 1 on the broadcast path and
+    16, 32 or 64 (rows padded) on the tl.dot path."""
     cfg, dot = _config(kind, m, config)
-    block_m = MAX_FUSED_ROWS if dot else 1
+    block_m = max(16, triton.next_power_of_2(m)) if dot else 1
+    if block_m > 16:  # the same x-chunk registers as 16 rows: a shorter K chunk
+        cfg["block_k"] = max(64, cfg["block_k"] * 16 // block_m)
     k = weight.shape[1]
     launch = dict(UPCAST=kernels_interpreted(),
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit

@@ -6,7 +6,7 @@ the checkpoint's separate HF tensors into the fused ones.
 
 Two forward paths over the same weights. The general one (any batch): norm, linear (cuBLAS),
 RoPE, KV write, attention, ... as separate kernels. With `fused_gemv`, batches of at most
-`gemv.MAX_FUSED_ROWS` tokens on the Triton backend take the fused path instead: the residual
+`gemv.ENGINE_FUSED_ROWS` tokens on the Triton backend take the fused path instead: the residual
 stream is carried already summed, and each layer is gemv_norm_rope_kv -> attention ->
 gemv_linear(+residual) -> gemv_norm_silu -> gemv_linear(+residual) (tokenmill/kernels/gemv.py),
 5 launches where the general path makes ~13. Same rounding points, so the same tokens up to the
@@ -145,7 +145,7 @@ class DecoderModel(nn.Module):
         """Whether a batch of these tokens runs the fused layers (static in the batch size: a CUDA
         graph captured for a size replays the path chosen at capture)."""
         n = input_ids.shape[0]
-        if not self.fused_gemv or n == 0 or n > gemv.MAX_FUSED_ROWS or not kernels.use_triton(input_ids, self.backend):
+        if not self.fused_gemv or n == 0 or n > gemv.ENGINE_FUSED_ROWS or not kernels.use_triton(input_ids, self.backend):
             return False
         return gemv.supports_rope_layout(n, self.head_dim)
 
