@@ -152,3 +152,26 @@ def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
         assert got.token_ids == ref_ids, f"{arch}: prompt {out.prompt!r}"
         got_logprobs = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
         assert max(abs(a - b) for a, b in zip(got_logprobs, ref_logprobs)) < 1e-4
+
+
+def test_fused_gemv_without_triton_backend_warns(llama_dir):
+    """fused_gemv with the torch kernels cannot apply: said once at start-up, and outputs unchanged."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    runner_log = logging.getLogger("tokenmill.worker.model_runner")  # tokenmill's loggers do not propagate
+    runner_log.addHandler(handler)
+    try:
+        llm = LLM(str(llama_dir), num_kv_blocks=64, kernel_backend="torch", fused_gemv=True)
+    finally:
+        runner_log.removeHandler(handler)
+    import re
+
+    assert len(records) == 1 and re.fullmatch(
+        r"fused_gemv needs the Triton kernels, which kernel_backend='torch' does not use on (cpu|cuda(:\d+)?): "
+        r"every step takes the general path", records[0].getMessage()), [r.getMessage() for r in records]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = LLM(str(llama_dir), num_kv_blocks=64, kernel_backend="torch")
+    assert llm.generate("Hello", params)[0].outputs[0].token_ids == plain.generate("Hello", params)[0].outputs[0].token_ids

@@ -81,6 +81,9 @@ class ModelRunner:
         # Device time of each step's forward + sampling (CUDA events, read after the step's own
         # sync) and the idle gap between steps; EngineCore.step collects them into SchedulerStats.
         self.step_timer = StepTimer(device)
+        if engine_config.fused_gemv and not use_triton(torch.empty(0, device=device), engine_config.kernel_backend):
+            logger.warning("fused_gemv needs the Triton kernels, which kernel_backend=%r does not use on %s: "
+                           "every step takes the general path", engine_config.kernel_backend, device)
 
     # ---- KV cache -------------------------------------------------------------------------------
 
