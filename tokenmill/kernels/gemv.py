@@ -22,7 +22,8 @@ the norm's x.to(dtype) and weight product, the projection's output rounded to th
 dtype before RoPE / SiLU / the residual add, each of those rounded as fused_ops does. Only the
 projection's fp32 summation order differs from cuBLAS's. Inputs: 2-D [M, K] activations with a
 contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
-for all M rows); `BLOCK_M` = next power of two of M, tl.dot from 16 rows up, broadcast-sum below.
+for all M rows): one row runs a broadcast-multiply-sum loop on the CUDA cores, 2-64 rows tl.dot on
+16, 32 or 64 padded rows (see GEMV_CONFIGS for why the two and what they cost).
 """
 
 from __future__ import annotations
@@ -273,8 +274,8 @@ def _norm_silu_kernel(
 # (sm_90, triton 3.9 and 3.6, benchmarks/compile_check.py and the PTX):
 # - the broadcast loop is 12 16-byte loads per thread and the products, nothing else (no shared
 #   memory, no barriers, no shuffles), but it is not software-pipelined; `fold` sums each thread's
-#   products 8 to 1 before accumulating, which takes the plain projection from 128 to 76
-#   registers (64 with triton 3.6), so ~6 programs fit an SM;
+#   products 8 to 1 before accumulating, which takes the plain projection from 128 to 56-72
+#   registers, so ~6 programs fit an SM;
 # - tl.dot streams the weights through shared memory with cp.async, num_stages - 1 chunks ahead;
 #   the 16-row norm kernels hit the 255-register cap at block_k 512, hence dot_block_k 256.
 # Bytes in flight per SM (~50 KB wanted for an H200's 4.4 TB/s at ~1.5 us of latency) are
