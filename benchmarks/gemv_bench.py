@@ -1,5 +1,5 @@
-"""The fused small-batch projections (tokenmill/kernels/gemv.py) against the unfused chains they
-replace (cuBLAS linear + the Triton RMSNorm / RoPE / KV-write / SiLU kernels), at the 8B shape.
+"""The fused small-batch projections (tokenmill/kernels/gemv.py) against the general path's chains
+they replace (cuBLAS linear + the Triton RMSNorm / RoPE+KV-write / SiLU kernels), at the 8B shape.
 
 Each op runs over `--copies` distinct weight copies inside one CUDA graph (so the L2 holds none of
 them and inter-kernel gaps count as they do in a decode step); times are per op. Reports weight
@@ -97,13 +97,12 @@ def ops(layer: Layer, s: dict, rope: RotaryEmbedding, eps: float = 1e-5, config:
         return gemv.gemv_norm_rope_kv(L.x, L.norm_w, eps, L.w_qkv, None, L.positions, cos, sin, L.cache, L.slots, hq,
                                       config=(config or {}).get("norm_rope_kv"))
 
-    def qkv_unfused():
+    def qkv_unfused():  # the general path's chain: norm, cuBLAS, RoPE + KV write
         h = K.rms_norm_triton(L.x, L.norm_w, eps)
         q, k, v = F.linear(h, L.w_qkv).split([hq * d, hkv * d, hkv * d], dim=-1)
         m = q.shape[0]
-        q, k = K.rotary_triton(L.positions, q.view(m, hq, d), k.view(m, hkv, d), cos, sin)
-        K.write_kv_triton(L.cache, k, v.view(m, hkv, d), L.slots)
-        return q
+        return K.rotary_write_kv_triton(L.positions, q.view(m, hq, d), k.view(m, hkv, d), v.view(m, hkv, d),
+                                        cos, sin, L.cache, L.slots)
 
     def o_fused():
         return gemv.gemv_linear(L.attn, L.w_o, residual=L.x, config=(config or {}).get("linear"))

@@ -301,11 +301,18 @@ def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
     return chosen, dot
 
 
+def _rope_row_set(m: int, head_dim: int, config: dict | None) -> int | None:
+    """HB for gemv_norm_rope_kv at m rows: each half head must split into whole row sets (of >= 16
+    rows on the tl.dot path); None where `head_dim` cannot."""
+    cfg, dot = _config("norm_rope_kv", m, config)
+    hb = min(cfg["hb"], head_dim // 2)
+    ok = head_dim % 2 == 0 and hb > 0 and (head_dim // 2) % hb == 0 and (not dot or hb >= 16)
+    return hb if ok else None
+
+
 def supports_rope_layout(m: int, head_dim: int) -> bool:
     """Whether gemv_norm_rope_kv can split each half head of `head_dim` into its row sets at m rows."""
-    cfg, dot = _config("norm_rope_kv", m, None)
-    hb = min(cfg["hb"], head_dim // 2)
-    return head_dim % 2 == 0 and hb > 0 and (head_dim // 2) % hb == 0 and (not dot or hb >= 16)
+    return _rope_row_set(m, head_dim, None) is not None
 
 
 def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -> tuple[dict, int, dict]:
@@ -354,8 +361,8 @@ def gemv_norm_rope_kv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qk
     assert kv_cache.stride(1) == block_size * kv_cache.stride(2) and kv_cache.stride(4) == 1
     assert cos_cache.stride(-1) == 1 and sin_cache.stride(-1) == 1
     cfg, block_m, launch = _launch_args("norm_rope_kv", m, qkv_weight, config)
-    hb = min(cfg["hb"], head_dim // 2)
-    if (head_dim // 2) % hb or (block_m > 1 and hb < 16):
+    hb = _rope_row_set(m, head_dim, config)
+    if hb is None:
         raise ValueError(f"head_dim {head_dim}: half heads must split into row sets of {cfg['hb']} "
                          f"at {m} rows (see supports_rope_layout)")
     q = torch.empty((m, num_q_heads, head_dim), dtype=x.dtype, device=x.device)

@@ -7,13 +7,6 @@ import math
 import torch
 from torch import nn
 
-from tokenmill.kernels import use_triton
-
-try:
-    from tokenmill.kernels import rotary_triton
-except ImportError:  # no triton: only the torch path exists
-    rotary_triton = None
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair inverse frequencies, as HF computes them for rope_type default, linear and llama3."""
@@ -35,12 +28,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k at given absolute positions from a precomputed cos/sin table."""
+    """Applies RoPE to q and k at given absolute positions from a precomputed cos/sin table.
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
-                 backend: str = "torch"):
+    This is the PyTorch path; on the Triton backend the model hands the tables to
+    `kernels.rotary_write_kv_triton`, which also stores k and v (Attention._norm_rotate_store)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
-        self.backend = backend
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -50,8 +44,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D], positions: [T]. Math in the input dtype, as HF does."""
-        if use_triton(q, self.backend):
-            return rotary_triton(positions, q, k, self.cos_cached, self.sin_cached)
         cos = self.cos_cached[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin_cached[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
