@@ -78,7 +78,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
             raise TypeError(f"{fn.fn.__name__}: argument {name} of type {type(value).__name__}")
         if aligned and i not in no_spec and name not in no_spec:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")}
     return sig, constexprs, attrs, options
 
 
@@ -108,11 +108,14 @@ class Catcher:
         for mod in (gemv, fused_ops, kv_cache, PA):
             mod.check_launchable = lambda *tensors: None  # CPU tensors stand in for CUDA ones
         PA._sm_count = lambda device: 132  # an H100/H200's: the decode split-K grid as on the device
+        self._supports_pdl = gemv.supports_pdl, PA.supports_pdl
+        gemv.supports_pdl = PA.supports_pdl = lambda device: True  # an sm_90 device's launches: PDL variants
         return self
 
     def __exit__(self, *exc):
         for fn in self.kernels:
             del fn.run  # back to the class's method
+        gemv.supports_pdl, PA.supports_pdl = self._supports_pdl
 
     def _compiler(self, fn: JITFunction):
         def run(*args, grid, warmup, **kwargs):
@@ -124,6 +127,7 @@ class Catcher:
                                           target=TARGET, options=options)
                 record.update(ok=True, **_resources(compiled.asm["cubin"]), **options)
                 record["shared_bytes"] = compiled.metadata.shared  # dynamic (tl.dot stages) and static
+                record["pdl_wait"] = "griddepcontrol.wait" in compiled.asm["ptx"]
             except Exception as e:  # the finding this script exists for
                 record.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
             self.results.append(record)
@@ -203,7 +207,7 @@ def main() -> int:
     for r in catcher.results:
         if r["ok"]:
             print(f"  ok   {r['kernel']:24} regs {r['registers']:3}  spill {r['local_bytes']:4} B  shared "
-                  f"{r['shared_bytes']:6} B  warps {r.get('num_warps', '-')}  {r['case']}")
+                  f"{r['shared_bytes']:6} B  warps {r.get('num_warps', '-')}{'  pdl' if r['pdl_wait'] else ''}  {r['case']}")
         else:
             print(f"  FAIL {r['kernel']:24} {r['case']}: {r['error']}")
     if args.out:

@@ -133,6 +133,94 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_abs_diff": float((a.float() - b.float()).abs().max()), "bit_equal": float((a == b).float().mean())}
 
 
+# The sweep's three families: the one-row broadcast path; one row through tl.dot (mma); 16 rows (tl.dot).
+SWEEP_FAMILIES = [
+    ("row", 1, [dict(hb=hb, block_k=bk, fold=8, num_warps=w, num_stages=1)
+                for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]
+     + [dict(hb=hb, block_k=bk, fold=1, num_warps=4, num_stages=1) for hb, bk in ((4, 1024), (8, 512))]),
+    ("mma", 1, [dict(mma=True, dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
+                for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
+    ("dot16", 16, [dict(dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
+                   for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
+]
+SWEEP_KINDS = {"norm_rope_kv": ["qkv+norm+rope+kv"], "linear": ["o+residual", "down+residual"],
+               "norm_silu": ["gate_up+norm+silu"]}
+KNOB_KEYS = ("hb", "block_k", "fold", "num_warps", "num_stages", "mma", "dot_hb", "dot_block_k", "dot_num_warps",
+             "dot_num_stages")
+
+
+def sweep(s: dict, rope, device, dtype, gen, copies: int, smoke: bool) -> list[dict]:
+    """Time every config of SWEEP_FAMILIES on each kernel kind; one row per (config, op)."""
+    families = [(name, min(m, 3), cfgs[:1]) for name, m, cfgs in SWEEP_FAMILIES] if smoke else SWEEP_FAMILIES
+    rows = []
+    for family, m, cfgs in families:
+        layers = [Layer(s, m, device, dtype, gen) for _ in range(copies)]
+        for kind, names in SWEEP_KINDS.items():
+            for cfg in cfgs:
+                per_layer = [ops(layer, s, rope, config={kind: cfg}) for layer in layers]
+                for name in names:
+                    try:
+                        ms = graph_ms([p[name][0] for p in per_layer], device)
+                    except Exception as e:  # a config that does not compile (shared memory, registers)
+                        print(f"  {family} {kind} {cfg}: {type(e).__name__}")
+                        continue
+                    nbytes = per_layer[0][name][2]
+                    rows.append({"family": family, "rows": m, "kind": kind, "op": name, **cfg, "ms": ms,
+                                 "gbps": nbytes / ms / 1e6})
+            for name in names:
+                best = sorted((r for r in rows if r["op"] == name and r["family"] == family), key=lambda r: r["ms"])[:3]
+                for r in best:
+                    knobs = {k: r[k] for k in KNOB_KEYS if k in r}
+                    print(f"sweep {family:5} {name:20} {knobs}: {r['ms'] * 1e3:6.1f} us {r['gbps']:5.0f} GB/s")
+        del layers
+    return rows
+
+
+def pick_configs(rows: list[dict]) -> dict:
+    """kind -> config overrides: per kind, the config with the least total time over the kind's ops
+    (o_proj and down_proj share one). One row takes the faster of the broadcast and mma families;
+    the tl.dot keys come from the 16-row family unless mma wins at one row, whose keys they then are
+    (batch 1 is the latency target; 2-16 rows then run on the one-row-tuned tiles)."""
+    def best(kind: str, family: str) -> tuple[float, dict] | None:
+        totals: dict[tuple, float] = {}
+        counts: dict[tuple, int] = {}
+        for r in rows:
+            if r["kind"] == kind and r["family"] == family:
+                key = tuple((k, r[k]) for k in KNOB_KEYS if k in r)
+                totals[key] = totals.get(key, 0.0) + r["ms"]
+                counts[key] = counts.get(key, 0) + 1
+        full = [key for key in totals if counts[key] == len(SWEEP_KINDS[kind])]  # every op compiled
+        if not full:
+            return None
+        key = min(full, key=totals.get)
+        return totals[key], dict(key)
+
+    tuned = {}
+    for kind in SWEEP_KINDS:
+        row, mma, dot16 = best(kind, "row"), best(kind, "mma"), best(kind, "dot16")
+        cfg: dict = {}
+        if dot16:
+            cfg.update(dot16[1])
+        if row:
+            cfg.update(row[1], mma=False)
+        if mma and (row is None or mma[0] < row[0]):
+            cfg.update(mma[1])
+        tuned[kind] = cfg
+    return tuned
+
+
+def crossover(rows: list[dict]) -> int:
+    """The largest measured batch up to which the fused layer (sum over its ops) beats the unfused
+    chain at every measured batch size: the engine's ENGINE_FUSED_ROWS."""
+    best = 0
+    for m in sorted({r["rows"] for r in rows}):
+        at = [r for r in rows if r["rows"] == m]
+        if sum(r["fused_ms"] for r in at) >= sum(r["unfused_ms"] for r in at):
+            break
+        best = m
+    return best
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,2,4,8,16,32,64")
@@ -156,6 +244,12 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "copy_gbps": copy_gbps,
               "shape": s, "rows": [], "sweep": []}
     print(f"copy bandwidth {copy_gbps or 0:.0f} GB/s")
+    if args.sweep:  # first, so that the fused-vs-unfused rows below run with the tuned configs
+        result["sweep"] = sweep(s, rope, device, dtype, gen, copies, args.smoke)
+        result["tuned"] = pick_configs(result["sweep"])
+        for kind, overrides in result["tuned"].items():
+            gemv.GEMV_CONFIGS[kind].update(overrides)
+        print(f"tuned: {result['tuned']}")
     for m in [int(r) for r in args.rows.split(",")]:
         layers = [Layer(s, m, device, dtype, gen) for _ in range(copies)]
         per_layer = [ops(layer, s, rope) for layer in layers]
@@ -166,48 +260,25 @@ def main() -> int:
             check = compare(per_layer[0][name][0](), per_layer[0][name][1]())
             row = {"rows": m, "op": name, "fused_ms": fused, "unfused_ms": unfused, "weight_bytes": nbytes,
                    "fused_gbps": nbytes / fused / 1e6, "unfused_gbps": nbytes / unfused / 1e6, **check}
+            if m == 1 and device.type == "cuda":  # the same kernels without programmatic dependent launch
+                no_pdl = {kind: {"pdl": False} for kind in gemv.GEMV_CONFIGS}
+                row["fused_no_pdl_ms"] = graph_ms([ops(layer, s, rope, config=no_pdl)[name][0] for layer in layers],
+                                                  device)
             result["rows"].append(row)
             print(f"M={m:2} {name:20} fused {fused * 1e3:7.1f} us ({row['fused_gbps']:5.0f} GB/s)  unfused "
                   f"{unfused * 1e3:7.1f} us ({row['unfused_gbps']:5.0f} GB/s)  max|diff| {check['max_abs_diff']:.3g} "
-                  f"bit-equal {check['bit_equal']:.1%}")
+                  f"bit-equal {check['bit_equal']:.1%}"
+                  + (f"  no PDL {row['fused_no_pdl_ms'] * 1e3:7.1f} us" if "fused_no_pdl_ms" in row else ""))
         del layers, per_layer
-    if args.sweep:
-        # Three families: the one-row broadcast path; one row through tl.dot (mma); 16 rows (tl.dot).
-        families = [("row", 1, [dict(hb=hb, block_k=bk, fold=8, num_warps=w, num_stages=1)
-                                for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]
-                     + [dict(hb=hb, block_k=bk, fold=1, num_warps=4, num_stages=1) for hb, bk in ((4, 1024), (8, 512))]),
-                    ("mma", 1, [dict(mma=True, dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
-                                for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
-                    ("dot16", 16, [dict(dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
-                                   for bk, st in itertools.product([128, 256, 512], [2, 3, 4])])]
-        if args.smoke:
-            families = [(name, min(m, 3), cfgs[:1]) for name, m, cfgs in families]
-        kinds = {"norm_rope_kv": ["qkv+norm+rope+kv"], "linear": ["o+residual", "down+residual"],
-                 "norm_silu": ["gate_up+norm+silu"]}
-        for family, m, cfgs in families:
-            layers = [Layer(s, m, device, dtype, gen) for _ in range(copies)]
-            for kind, names in kinds.items():
-                for cfg in cfgs:
-                    per_layer = [ops(layer, s, rope, config={kind: cfg}) for layer in layers]
-                    for name in names:
-                        try:
-                            ms = graph_ms([p[name][0] for p in per_layer], device)
-                        except Exception as e:  # a config that does not compile (shared memory, registers)
-                            print(f"  {family} {kind} {cfg}: {type(e).__name__}")
-                            continue
-                        nbytes = per_layer[0][name][2]
-                        result["sweep"].append({"family": family, "rows": m, "op": name, **cfg, "ms": ms,
-                                                "gbps": nbytes / ms / 1e6})
-                for name in names:
-                    best = sorted((r for r in result["sweep"] if r["op"] == name and r["family"] == family),
-                                  key=lambda r: r["ms"])[:3]
-                    for r in best:
-                        knobs = {k: v for k, v in r.items() if k not in ("family", "rows", "op", "ms", "gbps")}
-                        print(f"sweep {family:5} {name:20} {knobs}: {r['ms'] * 1e3:6.1f} us {r['gbps']:5.0f} GB/s")
-            del layers
+    result["engine_fused_rows"] = crossover(result["rows"])
+    print(f"fused layers win up to {result['engine_fused_rows']} rows")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gemv_bench.json").write_text(json.dumps(result, indent=2))
+        if args.sweep:  # for TOKENMILL_GEMV_CONFIGS (tokenmill.kernels.gemv.load_tuned_configs)
+            tuned = {"device": result["device"], "configs": result["tuned"],
+                     "engine_fused_rows": result["engine_fused_rows"]}
+            (Path(args.out) / "gemv_configs.json").write_text(json.dumps(tuned, indent=2))
     return 0
 
 

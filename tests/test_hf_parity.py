@@ -118,9 +118,9 @@ def test_half_precision_tracks_float32_transformers(dtype, tol, llama_dir):
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
 def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
-    """fused_gemv: steps of <= 16 tokens (here every step: chunks of 8, then 3 decodes) run the fused
-    layers (interpreted on a CPU) and give HF's greedy tokens; qwen2 covers the qkv bias in the
-    RoPE epilogue, qwen3 the q/k-norm variant."""
+    """fused_gemv: steps of <= ENGINE_FUSED_ROWS tokens (16 here, so every step: chunks of 8, then 3
+    decodes; the tuned default is 1) run the fused layers (interpreted on a CPU) and give HF's
+    greedy tokens; qwen2 covers the qkv bias in the RoPE epilogue, qwen3 the q/k-norm variant."""
     from tokenmill.kernels import HAS_TRITON, kernels_interpreted
     from tokenmill.models import llama
 
@@ -134,6 +134,7 @@ def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(llama.gemv, "gemv_norm_silu", counting)
+    monkeypatch.setattr(llama.gemv, "ENGINE_FUSED_ROWS", 16)  # the multi-row (tl.dot) kernels too
     # head_dim 32: the multi-row RoPE epilogue takes row sets of 16 (the default tiny head_dim is 16).
     model_dir = build_tiny_model(tmp_path / arch, arch, seed=7, head_dim=32)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -494,6 +494,34 @@ def test_gemv_rejects_large_batches():
         gemv_linear(x, torch.zeros(8, 8, device=DEVICE))
 
 
+def test_gemv_tuned_configs_load(tmp_path, monkeypatch):
+    """A gemv_bench --sweep file updates the launch configs and the engine's fused-row limit; unknown
+    kernels, keys or limits out of range are errors naming them."""
+    import copy
+    import json
+
+    from tokenmill.kernels import gemv
+    monkeypatch.setattr(gemv, "GEMV_CONFIGS", copy.deepcopy(gemv.GEMV_CONFIGS))
+    monkeypatch.setattr(gemv, "ENGINE_FUSED_ROWS", gemv.ENGINE_FUSED_ROWS)
+    path = tmp_path / "gemv_configs.json"
+    path.write_text(json.dumps({"configs": {"linear": {"hb": 8, "mma": True}}, "engine_fused_rows": 32}))
+    untouched = dict(gemv.GEMV_CONFIGS["norm_silu"])
+    gemv.load_tuned_configs(str(path))
+    assert gemv.GEMV_CONFIGS["linear"]["hb"] == 8 and gemv.GEMV_CONFIGS["linear"]["mma"] is True
+    assert gemv.GEMV_CONFIGS["norm_silu"] == untouched and gemv.ENGINE_FUSED_ROWS == 32
+    cfg = gemv.GEMV_CONFIGS["linear"]  # mma: one row takes the tl.dot keys
+    assert gemv._config("linear", 1, None) == ({"hb": max(16, cfg["dot_hb"]), "block_k": cfg["dot_block_k"],
+                                                "num_warps": cfg["dot_num_warps"],
+                                                "num_stages": cfg["dot_num_stages"], "fold": 1,
+                                                "pdl": cfg["pdl"]}, True)
+    for bad, message in (({"configs": {"lin": {}}}, "unknown GEMV kernel 'lin'"),
+                         ({"configs": {"linear": {"hbb": 1}}}, r"unknown keys \['hbb'\] for 'linear'"),
+                         ({"engine_fused_rows": 65}, r"engine_fused_rows must be an integer in \[0, 64\], got 65")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            gemv.load_tuned_configs(str(path))
+
+
 def test_kernels_compile_for_hopper():
     """Every kernel, launched by its real wrapper, compiles for sm_90 (what the interpreter cannot check:
     one type per variable across runtime ifs, tl.dot shapes, constexpr use) without spilling."""
@@ -508,6 +536,12 @@ def test_kernels_compile_for_hopper():
     assert "0 failed" in summary and int(summary.split(": ")[1].split()[0]) >= 30, summary
     assert all(" spill    0 B" in line for line in proc.stdout.splitlines()[1:] if line.strip().startswith("ok")), \
         proc.stdout
+    # Programmatic dependent launch: the one-row fused GEMVs and the decode kernels wait for their
+    # predecessor in the compiled code (griddepcontrol.wait); the general path's kernels do not.
+    lines = [line for line in proc.stdout.splitlines()[1:] if line.strip().startswith("ok")]
+    pdl = {line.split()[1] for line in lines if "  pdl  " in line}
+    assert pdl == {"_norm_rope_kv_kernel", "_linear_kernel", "_norm_silu_kernel", "_decode_kernel",
+                   "_decode_reduce_kernel"}, proc.stdout
 
 
 def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):

@@ -28,17 +28,20 @@ for all M rows): one row runs a broadcast-multiply-sum loop on the CUDA cores, 2
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
+from tokenmill.kernels.pdl import supports_pdl, wait_for_inputs
 
 # Largest batch the kernels take (tl.dot on 16, 32 or 64 padded rows), and the largest the model
-# sends them (`DecoderModel.takes_fused_path`): up to 16 until the device says where cuBLAS starts
-# to win (benchmarks/gemv_bench.py times 1-64 rows both ways).
+# sends them (`DecoderModel.takes_fused_path`): one row, where the H200 sweep has the fused layer
+# ahead of cuBLAS (benchmarks/gemv_bench.py times 1-64 rows both ways; see GEMV_CONFIGS).
 MAX_FUSED_ROWS = 64
-ENGINE_FUSED_ROWS = 16
+ENGINE_FUSED_ROWS = 1
 MAX_ONE_LOAD_ROW = 8192  # the norm prologue's single-load row, at most 64 fp32 registers per thread
 
 
@@ -109,29 +112,35 @@ def _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K):
 def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
                   nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB]).
 
     One row (BLOCK_M == 1): products accumulate elementwise in [HB, BLOCK_K // FOLD] fp32
     registers and are reduced across threads once, after the loop (a reduction per K chunk would
-    put warp shuffles between the weight loads). More rows: tl.dot on 16 padded rows."""
+    put warp shuffles between the weight loads). The first K chunk of weights is loaded before
+    waiting for the previous kernel (PDL): its latency overlaps that kernel's tail. More rows:
+    tl.dot on 16 padded rows."""
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    inv_rms = tl.zeros([BLOCK_M], tl.float32)
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
     wa = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
     wb = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
+    inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if BLOCK_M == 1:
-        part_a = tl.zeros([HB, BLOCK_K // FOLD], tl.float32)
-        part_b = tl.zeros([HB, BLOCK_K // FOLD], tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
+        wait_for_inputs(PDL)
+        if NORM:
+            inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
         # The one row is read as an [HB, BLOCK_K] tile (every row of it row 0, served by L1) so
         # that it comes in the weight tile's register layout: a [1, BLOCK_K] load would be
         # converted through shared memory, with barriers, in every iteration.
         row0 = tl.zeros([HB], tl.int32)
         all_rows = row0 == 0
         inv_rms_rows = row0.to(tl.float32) + inv_rms
-        for k0 in range(0, K, BLOCK_K):
+        xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
+        part_a = _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+        part_b = _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
             xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
@@ -140,6 +149,9 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
         acc_a = tl.sum(part_a, 1)[None, :]
         acc_b = tl.sum(part_b, 1)[None, :]
     else:
+        wait_for_inputs(PDL)
+        if NORM:
+            inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
         acc_a = tl.zeros([BLOCK_M, HB], tl.float32)
         acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -159,6 +171,7 @@ def _norm_rope_kv_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     CHUNKS: tl.constexpr = HALF // HB
@@ -169,7 +182,7 @@ def _norm_rope_kv_kernel(
     rows_b = rows_a + HALF
     ones = d >= 0
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, ones, ones,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a).to(tl.float32)[None, :]
@@ -215,6 +228,7 @@ def _linear_kernel(
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Two sets of HB consecutive rows: rows [2*HB*pid, 2*HB*pid + 2*HB).
     rows_a = tl.program_id(0) * 2 * HB + tl.arange(0, HB)
@@ -222,7 +236,7 @@ def _linear_kernel(
     mask_a = rows_a < N
     mask_b = rows_b < N
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
-                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         acc_b += tl.load(b_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
@@ -248,11 +262,12 @@ def _norm_silu_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, INTER, K, eps, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * HB + tl.arange(0, HB)  # output columns = gate rows; up rows + INTER
     mask_c = cols < INTER
     acc_g, acc_u = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, cols, cols + INTER, mask_c, mask_c,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
     dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -270,23 +285,55 @@ def _norm_silu_kernel(
 
 # Launch settings per kernel. One row (unless `mma`) takes the broadcast path: hb rows per row
 # set, block_k, fold, num_warps, num_stages. More rows (or `mma`) take the tl.dot path: dot_hb
-# (>= 16, tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. From the compiled code
-# (sm_90, triton 3.9 and 3.6, benchmarks/compile_check.py and the PTX):
+# (>= 16, tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. `pdl`: launch as a
+# programmatic dependent of the previous kernel (sm_90+; the first weight chunk loads before the
+# wait). From the compiled code (sm_90, triton 3.9 and 3.6, benchmarks/compile_check.py, the PTX):
 # - the broadcast loop is 12 16-byte loads per thread and the products, nothing else (no shared
 #   memory, no barriers, no shuffles), but it is not software-pipelined; `fold` sums each thread's
 #   products 8 to 1 before accumulating, which takes the plain projection from 128 to 56-72
 #   registers, so ~6 programs fit an SM;
 # - tl.dot streams the weights through shared memory with cp.async, num_stages - 1 chunks ahead;
 #   the 16-row norm kernels hit the 255-register cap at block_k 512, hence dot_block_k 256.
-# Bytes in flight per SM (~50 KB wanted for an H200's 4.4 TB/s at ~1.5 us of latency) are
-# programs per SM x 2 x hb x block_k x 2 B: o_proj and down_proj (4096 rows, 512 programs at hb 4)
-# take block_k 1024 for 16 KB a program. Guesses, not yet measured: benchmarks/gemv_bench.py --sweep.
+# Values: the fastest of `benchmarks/gemv_bench.py --sweep` on an H200 (2026-12-01, 8B shape,
+# docs/performance.md): one row 3.0-3.9 TB/s against cuBLAS's 2.1-3.8 (+ its separate norm, RoPE,
+# SiLU, residual kernels). At 2-64 rows the tl.dot path lost to cuBLAS on qkv and gate_up (1.3-2.1
+# TB/s), so the engine sends only one-row steps here (ENGINE_FUSED_ROWS).
 _DOT = dict(dot_hb=16, dot_block_k=256, dot_num_warps=4, dot_num_stages=3)
 GEMV_CONFIGS = {
-    "norm_rope_kv": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
-    "linear": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
-    "norm_silu": dict(hb=8, block_k=512, fold=8, num_warps=4, num_stages=1, mma=False, **_DOT),
+    "norm_rope_kv": dict(hb=4, block_k=512, fold=8, num_warps=8, num_stages=1, mma=False, pdl=True, **_DOT),
+    "linear": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True,
+                   **dict(_DOT, dot_block_k=512, dot_num_stages=4)),
+    "norm_silu": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True, **_DOT),
 }
+
+TUNED_CONFIGS_ENV = "TOKENMILL_GEMV_CONFIGS"
+
+
+def load_tuned_configs(path: str) -> None:
+    """Update GEMV_CONFIGS (and ENGINE_FUSED_ROWS) from a JSON file as `gemv_bench.py --sweep`
+    writes it: {"configs": {kind: {key: value}}, "engine_fused_rows": n}. Read at import from the
+    file TOKENMILL_GEMV_CONFIGS names (the way vLLM reads tuned fused-MoE configs), so a tuned
+    device runs with its own figures without a code change."""
+    global ENGINE_FUSED_ROWS
+    import json
+
+    with open(path) as f:
+        tuned = json.load(f)
+    for kind, overrides in tuned.get("configs", {}).items():
+        if kind not in GEMV_CONFIGS:
+            raise ValueError(f"{path}: unknown GEMV kernel {kind!r} (known: {', '.join(GEMV_CONFIGS)})")
+        unknown = set(overrides) - set(GEMV_CONFIGS[kind])
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)} for {kind!r} (known: {sorted(GEMV_CONFIGS[kind])})")
+        GEMV_CONFIGS[kind].update(overrides)
+    rows = tuned.get("engine_fused_rows", ENGINE_FUSED_ROWS)
+    if not isinstance(rows, int) or not 0 <= rows <= MAX_FUSED_ROWS:
+        raise ValueError(f"{path}: engine_fused_rows must be an integer in [0, {MAX_FUSED_ROWS}], got {rows!r}")
+    ENGINE_FUSED_ROWS = rows
+
+
+if os.environ.get(TUNED_CONFIGS_ENV):
+    load_tuned_configs(os.environ[TUNED_CONFIGS_ENV])
 
 
 def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
@@ -296,6 +343,7 @@ def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
     keys = ("hb", "block_k", "num_warps", "num_stages")
     chosen = {k: cfg[f"dot_{k}"] if dot else cfg[k] for k in keys}
     chosen["fold"] = 1 if dot else cfg["fold"]
+    chosen["pdl"] = cfg["pdl"]
     if dot:
         chosen["hb"] = max(chosen["hb"], 16)
     return chosen, dot
@@ -328,7 +376,10 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
                   # The norm prologue loads the whole row at once up to this size (registers).
                   BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0,
                   BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
-                  FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)))
+                  FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)),
+                  PDL=cfg["pdl"] and supports_pdl(weight.device))
+    if launch["PDL"]:
+        launch["launch_pdl"] = True
     if not kernels_interpreted():
         # No FMA contraction: it would skip the roundings the epilogues copy from torch (see
         # fused_ops: RoPE matched torch on 84% of elements with it on an H100). The loop is

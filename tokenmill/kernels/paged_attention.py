@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
+from tokenmill.kernels.pdl import supports_pdl, wait_for_inputs
 from tokenmill.layers.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -172,8 +173,9 @@ def _decode_kernel(
     stride_pr, stride_ph, stride_pp,  # partial outputs [nd, Hq, P, D]; lse [nd, Hq, P] uses them / D
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, DYNAMIC: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     req = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -233,9 +235,10 @@ def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, partition_size, grid_parts,
     stride_ot, stride_oh, stride_pr, stride_ph, stride_pp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DYNAMIC: tl.constexpr,
+    DYNAMIC: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[r, h] = sum_p 2^(lse_p - max) * o_p / sum_p 2^(lse_p - max) over the used partitions."""
+    wait_for_inputs(PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -329,6 +332,9 @@ def decode_partition_size(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 # grid's partitions (_dynamic_partition): the same size at a long context, finer at a short one.
 # Not yet measured end to end: benchmarks/partition_sweep.py compares them.
 DECODE_PARTITIONS = "fixed"
+# The decode kernels launch as programmatic dependents of the kernel before them (tokenmill.kernels.pdl):
+# at batch 1 each layer's attention is two kernels of a few microseconds.
+DECODE_PDL = True
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -394,6 +400,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
         if mode not in ("fixed", "dynamic"):
             raise ValueError(f"partitions must be 'fixed' or 'dynamic', got {mode!r}")
         dynamic = split and mode == "dynamic" and not explicit_partition
+        pdl = dict(PDL=True, launch_pdl=True) if DECODE_PDL and supports_pdl(q.device) else dict(PDL=False)
         if split:
             part_out = torch.empty((nd, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((nd, num_heads, num_parts), dtype=torch.float32, device=q.device)
@@ -407,7 +414,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
             num_heads * num_parts * head_dim, num_parts * head_dim, head_dim,
             GROUP=group, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
             BLOCK_N=block_n_dec, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, DYNAMIC=dynamic,
-            UPCAST=upcast, DOT_PRECISION=precision,
+            UPCAST=upcast, DOT_PRECISION=precision, **pdl,
             num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"],
         )
         if split:
@@ -416,7 +423,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
                 out.stride(0), out.stride(1),
                 num_heads * num_parts * head_dim, num_parts * head_dim, head_dim,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
-                BLOCK_N=block_n_dec, DYNAMIC=dynamic, num_warps=4,
+                BLOCK_N=block_n_dec, DYNAMIC=dynamic, **pdl, num_warps=4,
             )
 
     num_prefills = num_reqs - nd

@@ -1,0 +1,45 @@
+"""Programmatic dependent launch (PDL, sm_90+): a kernel launched with `launch_pdl=True` may start
+while the previous kernel in the stream (or CUDA graph) is still finishing, and waits for it at
+`wait_for_inputs`. At batch 1 a decode step is ~200 kernels of a few to tens of microseconds, and
+each one's launch and first memory latency (~2-4 us on an H200, benchmarks/gemv_bench.py) would
+otherwise sit between two kernels with the memory system idle.
+
+The rule that keeps it correct: a PDL kernel touches nothing before `wait_for_inputs` except data
+no kernel writes (weights). The wait returns once the previous kernel has completed and its
+writes are visible; that kernel waited for its own predecessor in turn, so everything earlier in
+the stream is complete too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from tokenmill.kernels import kernels_interpreted
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Let the next kernel start launching (its programs take SM slots only once every program of
+    this one has started), then wait until the previous kernel's writes are visible."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+PDL_ENV = "TOKENMILL_PDL"  # "0": no PDL launches (an A/B switch, and a way out should a driver misbehave)
+_DEVICES: dict[torch.device, bool] = {}
+
+
+def supports_pdl(device: torch.device) -> bool:
+    """Whether launches on `device` use PDL: compiled kernels (not the interpreter) on sm_90+,
+    unless TOKENMILL_PDL=0."""
+    if kernels_interpreted() or device.type != "cuda" or os.environ.get(PDL_ENV, "1").strip() == "0":
+        return False
+    if device not in _DEVICES:
+        _DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _DEVICES[device]
