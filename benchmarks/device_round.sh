@@ -8,7 +8,7 @@
 #   bash benchmarks/device_round.sh pdl    # PDL on and off: device compile, tokens vs HF, GEMV rows, 8B and Qwen3 engine
 #   bash benchmarks/device_round.sh ab     # Qwen3 fused vs general, profiles, partition policies, 16k chunks
 set -u
-stage=${1:?usage: device_round.sh check|pdl|ab}
+stage=${1:?usage: device_round.sh check|pdl|pdl2|ab}
 out=${OUT:-/tmp/out}/$stage
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -40,6 +40,17 @@ case $stage in
       --fused-gemv --out "$out/engine_fused_no_pdl"
     run 100 engine_general python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --out "$out/engine_general"
     run 75 qwen_fused python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --fused-gemv --out "$out/qwen_fused"
+    ;;
+  pdl2)  # ~550 s at most: PDL triggered after the main loop; longer K chunks; where the batch-1 step goes
+    run 90 gpu_check_fused python3 benchmarks/gpu_check.py --fused-gemv --skip-8b --out "$out/gpu_check_fused"
+    run 150 gemv_bench python3 benchmarks/gemv_bench.py --sweep --rows 1,2 --out "$out"
+    if [ -f "$tuned" ]; then export TOKENMILL_GEMV_CONFIGS=$tuned; cat "$tuned"; fi
+    run 100 engine_fused python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --fused-gemv --out "$out/engine_fused"
+    TOKENMILL_PDL=0 run 100 engine_fused_no_pdl python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf \
+      --fused-gemv --out "$out/engine_fused_no_pdl"
+    run 110 profile_8b python3 benchmarks/profile_decode.py --shape llama-8b --batches 1,256 --steps 10 --fused-gemv \
+      --out "$out/profile_8b"
+    rm -f "$out"/profile_*/*trace*.json
     ;;
   ab)  # ~580 s at most: Qwen3 both ways, profiles, partition policies, 16k-token steps. Carry the
        # tuned configs as benchmarks/results/gemv_configs.json (the check stage's) if there are any.

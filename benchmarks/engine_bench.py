@@ -120,6 +120,34 @@ def record_steps(core) -> dict:
     return record
 
 
+class GcPauses:
+    """Python's garbage collections while active (gc.callbacks): count and seconds per generation,
+    and the longest, so a stall between steps can be told apart from device or scheduler time."""
+
+    def __init__(self):
+        self.count, self.seconds, self.longest_s, self._start = [0, 0, 0], [0.0, 0.0, 0.0], 0.0, 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._start
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += took
+            self.longest_s = max(self.longest_s, took)
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {"collections_per_generation": self.count, "seconds_per_generation": self.seconds,
+                "longest_ms": self.longest_s * 1e3}
+
+
 def step_breakdown(record: dict, wall: float) -> dict:
     """Device and idle time of the throughput job by step kind. idle[i] is the gap before step
     i + 1 (the first step has none); what neither covers is host time before the first step and
@@ -258,10 +286,11 @@ def main() -> int:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     steps = record_steps(core)
     sync()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    sync()
-    wall = time.perf_counter() - start
+    with GcPauses() as gc_pauses:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync()
+        wall = time.perf_counter() - start
     del core.step  # stop recording: the class's step again
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prefill_bound = args.requests * prefill_flops(m, args.input_len) / ceilings["matmul_flops_per_s"]
@@ -273,7 +302,7 @@ def main() -> int:
     device_times, idle_times = core.runner.step_timer.collect()  # the last step completes after the loop
     steps["device"] += device_times
     steps["idle"] += idle_times
-    result["throughput_steps"] = step_breakdown(steps, wall)
+    result["throughput_steps"] = dict(step_breakdown(steps, wall), gc=gc_pauses.summary())
     result["throughput"] = {
         "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len, "wall_s": wall,
         "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + args.requests * args.input_len) / wall,
@@ -319,6 +348,8 @@ def main() -> int:
           f"{st['outside_steps_s']:.3f} s before the first / after the last step; largest gaps: "
           + ", ".join(f"{g['idle_ms']:.1f} ms before step {g['step']} ({g['step_prefill_tokens']}+"
                       f"{g['step_decode_tokens']} tokens)" for g in st["largest_gaps"][:3]))
+    print(f"  garbage collections (gen 0/1/2): {st['gc']['collections_per_generation']}, "
+          f"{sum(st['gc']['seconds_per_generation']) * 1e3:.1f} ms in all, longest {st['gc']['longest_ms']:.1f} ms")
     for key in ("hf_latency_128", "hf_throughput", "hf_error"):
         if key in result:
             print(f"{key}: {result[key]}")

@@ -137,7 +137,10 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 SWEEP_FAMILIES = [
     ("row", 1, [dict(hb=hb, block_k=bk, fold=8, num_warps=w, num_stages=1)
                 for hb, bk, w in itertools.product([4, 8, 16], [512, 1024], [4, 8])]
-     + [dict(hb=hb, block_k=bk, fold=1, num_warps=4, num_stages=1) for hb, bk in ((4, 1024), (8, 512))]),
+     + [dict(hb=hb, block_k=bk, fold=1, num_warps=4, num_stages=1) for hb, bk in ((4, 1024), (8, 512))]
+     # Fewer, longer K chunks (the loop is not pipelined: each chunk is a memory latency).
+     + [dict(hb=hb, block_k=bk, fold=8, num_warps=w, num_stages=1)
+        for hb, bk, w in ((2, 1024, 4), (2, 2048, 4), (2, 2048, 8), (4, 2048, 8), (2, 4096, 8))]),
     ("mma", 1, [dict(mma=True, dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
                 for bk, st in itertools.product([128, 256, 512], [2, 3, 4])]),
     ("dot16", 16, [dict(dot_hb=16, dot_block_k=bk, dot_num_warps=4, dot_num_stages=st)
@@ -271,6 +274,10 @@ def main() -> int:
                   + (f"  no PDL {row['fused_no_pdl_ms'] * 1e3:7.1f} us" if "fused_no_pdl_ms" in row else ""))
         del layers, per_layer
     result["engine_fused_rows"] = crossover(result["rows"])
+    if args.sweep and device.type == "cuda":  # PDL per kernel kind, where it won at one row
+        for kind, names in SWEEP_KINDS.items():
+            at = [r for r in result["rows"] if r["rows"] == 1 and r["op"] in names]
+            result["tuned"][kind]["pdl"] = sum(r["fused_ms"] for r in at) < sum(r["fused_no_pdl_ms"] for r in at)
     print(f"fused layers win up to {result['engine_fused_rows']} rows")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

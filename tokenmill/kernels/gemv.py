@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
-from tokenmill.kernels.pdl import supports_pdl, wait_for_inputs
+from tokenmill.kernels.pdl import launch_next, supports_pdl, wait_for_inputs
 
 # Largest batch the kernels take (tl.dot on 16, 32 or 64 padded rows), and the largest the model
 # sends them (`DecoderModel.takes_fused_path`): one row, where the H200 sweep has the fused layer
@@ -146,6 +146,7 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
             xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
             part_a += _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
             part_b += _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+        launch_next(PDL)
         acc_a = tl.sum(part_a, 1)[None, :]
         acc_b = tl.sum(part_b, 1)[None, :]
     else:
@@ -160,6 +161,7 @@ def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask
             xk = _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM)
             acc_a = _dot_acc(acc_a, xk, w_a, UPCAST, DOT_PRECISION)
             acc_b = _dot_acc(acc_b, xk, w_b, UPCAST, DOT_PRECISION)
+        launch_next(PDL)
     return acc_a, acc_b
 
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
-from tokenmill.kernels.pdl import supports_pdl, wait_for_inputs
+from tokenmill.kernels.pdl import launch_next, supports_pdl, wait_for_inputs
 from tokenmill.layers.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -209,6 +209,7 @@ def _decode_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, offs_n, end, m_i, bt_row, k_base, v_base,
                                      offs_d, d_mask, scale_log2, stride_blk, stride_tok,
                                      BLOCK_SIZE, True, False, UPCAST, DOT_PRECISION)
+    launch_next(PDL)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # l_i is 0 only for seq_len 0: the row comes out as zeros
     out = acc / l_i[:, None]
@@ -269,6 +270,7 @@ def _decode_reduce_kernel(
                     mask=p_valid[:, None] & d_mask[None, :], other=0.0)
         acc += tl.sum(w[:, None] * o, 0)
         den += w
+    launch_next(PDL)
     den_sum = tl.sum(den, 0)
     out = acc / tl.where(den_sum == 0.0, 1.0, den_sum)  # seq_len 0 (padding): zeros
     tl.store(out_ptr + req.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh + offs_d,

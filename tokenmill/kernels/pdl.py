@@ -24,11 +24,20 @@ from tokenmill.kernels import kernels_interpreted
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """Let the next kernel start launching (its programs take SM slots only once every program of
-    this one has started), then wait until the previous kernel's writes are visible."""
+    """Wait until the previous kernel has completed and its writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def launch_next(PDL: tl.constexpr):
+    """Let the next kernel start launching: called once a program's main loop is done, so the next
+    kernel's programs take SM slots (and load their first weights) during this one's epilogue and
+    tail. Earlier, at a program's start, measured slower on an H200 (gemv_bench.py, 2026-12-01):
+    the next kernels' waiting programs then took slots all through this one and came out unevenly
+    spread over the SMs."""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
 
 
 PDL_ENV = "TOKENMILL_PDL"  # "0": no PDL launches (an A/B switch, and a way out should a driver misbehave)
