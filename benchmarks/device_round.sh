@@ -8,7 +8,7 @@
 #   bash benchmarks/device_round.sh pdl    # PDL on and off: device compile, tokens vs HF, GEMV rows, 8B and Qwen3 engine
 #   bash benchmarks/device_round.sh ab     # Qwen3 fused vs general, profiles, partition policies, 16k chunks
 set -u
-stage=${1:?usage: device_round.sh check|pdl|pdl2|ab}
+stage=${1:?usage: device_round.sh check|pdl|pdl2|final|ab}
 out=${OUT:-/tmp/out}/$stage
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -51,6 +51,15 @@ case $stage in
     run 110 profile_8b python3 benchmarks/profile_decode.py --shape llama-8b --batches 1,256 --steps 10 --fused-gemv \
       --out "$out/profile_8b"
     rm -f "$out"/profile_*/*trace*.json
+    ;;
+  final)  # ~460 s at most: the defaults (fused batch-1 layers, PDL, dynamic partitions) checked and timed, with A/Bs
+    run 90 gpu_check python3 benchmarks/gpu_check.py --skip-8b --out "$out/gpu_check"
+    run 100 engine_default python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --out "$out/engine_default"
+    run 100 engine_fixed python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --skip-latency \
+      --decode-partitions fixed --out "$out/engine_fixed"
+    run 80 qwen_default python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --out "$out/qwen_default"
+    run 80 qwen_general python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --no-fused-gemv \
+      --out "$out/qwen_general"
     ;;
   ab)  # ~580 s at most: Qwen3 both ways, profiles, partition policies, 16k-token steps. Carry the
        # tuned configs as benchmarks/results/gemv_configs.json (the check stage's) if there are any.

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, write_dummy_model_dir  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.kernels import paged_attention as PA  # noqa: E402
+from tokenmill.kernels.pdl import supports_pdl  # noqa: E402
 
 
 def sync():
@@ -238,11 +240,16 @@ def main() -> int:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's (on for CUDA)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--fused-gemv", action="store_true", help="the engine's fused small-batch layers")
+    parser.add_argument("--fused-gemv", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's fused batch-1 layers (default: the engine's, on for CUDA)")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--decode-partitions", choices=["fixed", "dynamic"], default=None,
+                        help="split-K partitions of decode attention (default: the kernel's, paged_attention.DECODE_PARTITIONS)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     cfg = SHAPES[args.shape]
+    if args.decode_partitions:
+        PA.DECODE_PARTITIONS = args.decode_partitions
     model_dir = write_dummy_model_dir(Path(tempfile.mkdtemp()) / args.shape, cfg)
     result: dict = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -257,7 +264,9 @@ def main() -> int:
     core = llm.llm_engine.core
     result["startup_s"] = time.perf_counter() - start
     result["cuda_graph_capture_s"] = core.cuda_graph_capture_seconds
-    result["engine"] = {"async_scheduling": core.async_scheduling, "fused_gemv": args.fused_gemv,
+    result["engine"] = {"async_scheduling": core.async_scheduling,
+                        "fused_gemv": core.config.resolve_fused_gemv(core.device),
+                        "decode_partitions": PA.DECODE_PARTITIONS, "pdl": supports_pdl(core.device),
                         "enforce_eager": args.enforce_eager}
     rng = random.Random(0)
     vocab = cfg["vocab_size"]

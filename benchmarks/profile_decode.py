@@ -120,7 +120,8 @@ def main() -> int:
                         help="also profile steps prefilling this many prompts of --prompt-len at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--fused-gemv", action="store_true", help="the engine's fused small-batch layers")
+    parser.add_argument("--fused-gemv", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's fused batch-1 layers (default: the engine's, on for CUDA)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     out = Path(args.out)

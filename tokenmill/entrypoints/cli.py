@@ -28,8 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "never makes the device wait (default: on for CUDA, off on CPU)")
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, PyTorch elsewhere (default)")
-    g.add_argument("--fused-gemv", action="store_true",
-                   help="run decode batches of <= 16 tokens through fused projection kernels (Triton backend)")
+    g.add_argument("--fused-gemv", action=argparse.BooleanOptionalAction, default=None,
+                   help="run batch-1 decode steps through fused projection kernels, 5 per layer (Triton backend; "
+                        "default: on for CUDA)")
     g.add_argument("--request-log", default=None, metavar="PATH",
                    help="append one JSON line per finished request (token ids, cache hits, timings) to PATH")
     g.add_argument("--request-log-max-bytes", type=int, default=256 * 2**20, help="rotate the log past this size")

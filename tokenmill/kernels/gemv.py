@@ -297,15 +297,16 @@ def _norm_silu_kernel(
 # - tl.dot streams the weights through shared memory with cp.async, num_stages - 1 chunks ahead;
 #   the 16-row norm kernels hit the 255-register cap at block_k 512, hence dot_block_k 256.
 # Values: the fastest of `benchmarks/gemv_bench.py --sweep` on an H200 (2026-12-01, 8B shape,
-# docs/performance.md): one row 3.0-3.9 TB/s against cuBLAS's 2.1-3.8 (+ its separate norm, RoPE,
-# SiLU, residual kernels). At 2-64 rows the tl.dot path lost to cuBLAS on qkv and gate_up (1.3-2.1
-# TB/s), so the engine sends only one-row steps here (ENGINE_FUSED_ROWS).
+# docs/performance.md): one row 3.1-4.2 TB/s against cuBLAS's 2.1-3.7 (+ its separate norm, RoPE,
+# SiLU, residual kernels); PDL won on every kind. At 2-64 rows the tl.dot path lost to cuBLAS on
+# qkv and gate_up (1.3-2.1 TB/s), so the engine sends only one-row steps here (ENGINE_FUSED_ROWS).
 _DOT = dict(dot_hb=16, dot_block_k=256, dot_num_warps=4, dot_num_stages=3)
 GEMV_CONFIGS = {
-    "norm_rope_kv": dict(hb=4, block_k=512, fold=8, num_warps=8, num_stages=1, mma=False, pdl=True, **_DOT),
-    "linear": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True,
+    "norm_rope_kv": dict(hb=4, block_k=512, fold=8, num_warps=8, num_stages=1, mma=False, pdl=True,
+                         **dict(_DOT, dot_num_stages=4)),
+    "linear": dict(hb=2, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True,
                    **dict(_DOT, dot_block_k=512, dot_num_stages=4)),
-    "norm_silu": dict(hb=4, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True, **_DOT),
+    "norm_silu": dict(hb=2, block_k=1024, fold=8, num_warps=4, num_stages=1, mma=False, pdl=True, **_DOT),
 }
 
 TUNED_CONFIGS_ENV = "TOKENMILL_GEMV_CONFIGS"

@@ -333,7 +333,7 @@ def decode_partition_size(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 # bound (decode_partition_size, measured); "dynamic" = each request divides its own context over the
 # grid's partitions (_dynamic_partition): the same size at a long context, finer at a short one.
 # Not yet measured end to end: benchmarks/partition_sweep.py compares them.
-DECODE_PARTITIONS = "fixed"
+DECODE_PARTITIONS = "dynamic"
 # The decode kernels launch as programmatic dependents of the kernel before them (tokenmill.kernels.pdl):
 # at batch 1 each layer's attention is two kernels of a few microseconds.
 DECODE_PDL = True

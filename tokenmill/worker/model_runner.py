@@ -73,7 +73,7 @@ class ModelRunner:
         self.model = load_model(engine_config.model, model_config, dtype=dtype, device=device,
                                 max_positions=max_model_len, load_format=engine_config.load_format,
                                 seed=engine_config.seed, kernel_backend=engine_config.kernel_backend,
-                                fused_gemv=engine_config.fused_gemv)
+                                fused_gemv=engine_config.resolve_fused_gemv(device))
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
@@ -81,7 +81,7 @@ class ModelRunner:
         # Device time of each step's forward + sampling (CUDA events, read after the step's own
         # sync) and the idle gap between steps; EngineCore.step collects them into SchedulerStats.
         self.step_timer = StepTimer(device)
-        if engine_config.fused_gemv and not use_triton(torch.empty(0, device=device), engine_config.kernel_backend):
+        if engine_config.fused_gemv is True and not use_triton(torch.empty(0, device=device), engine_config.kernel_backend):
             logger.warning("fused_gemv needs the Triton kernels, which kernel_backend=%r does not use on %s: "
                            "every step takes the general path", engine_config.kernel_backend, device)
 
