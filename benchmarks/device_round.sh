@@ -8,7 +8,7 @@
 #   bash benchmarks/device_round.sh pdl    # PDL on and off: device compile, tokens vs HF, GEMV rows, 8B and Qwen3 engine
 #   bash benchmarks/device_round.sh ab     # Qwen3 fused vs general, profiles, partition policies, 16k chunks
 set -u
-stage=${1:?usage: device_round.sh check|pdl|pdl2|final|ab}
+stage=${1:?usage: device_round.sh check|pdl|pdl2|final|final2|ab}
 out=${OUT:-/tmp/out}/$stage
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -57,6 +57,12 @@ case $stage in
     run 100 engine_default python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --out "$out/engine_default"
     run 100 engine_fixed python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --skip-latency \
       --decode-partitions fixed --out "$out/engine_fixed"
+    run 80 qwen_default python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --out "$out/qwen_default"
+    run 80 qwen_general python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --no-fused-gemv \
+      --out "$out/qwen_general"
+    ;;
+  final2)  # the final stage's engine runs again (a benchmark bug stopped them)
+    run 100 engine_default python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --out "$out/engine_default"
     run 80 qwen_default python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --out "$out/qwen_default"
     run 80 qwen_general python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --no-fused-gemv \
       --out "$out/qwen_general"

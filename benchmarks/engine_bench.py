@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import random
 import sys
@@ -28,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, write_dummy_model_dir  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.kernels import paged_attention as PA  # noqa: E402
 from tokenmill.kernels.pdl import supports_pdl  # noqa: E402
+
+PA = importlib.import_module("tokenmill.kernels.paged_attention")  # the package's `paged_attention` is a function
 
 
 def sync():
