@@ -8,7 +8,7 @@
 #   bash benchmarks/device_round.sh pdl    # PDL on and off: device compile, tokens vs HF, GEMV rows, 8B and Qwen3 engine
 #   bash benchmarks/device_round.sh ab     # Qwen3 fused vs general, profiles, partition policies, 16k chunks
 set -u
-stage=${1:?usage: device_round.sh check|pdl|pdl2|final|final2|ab}
+stage=${1:?usage: device_round.sh check|pdl|pdl2|final|final2|onerow|ab}
 out=${OUT:-/tmp/out}/$stage
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -66,6 +66,11 @@ case $stage in
     run 80 qwen_default python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --out "$out/qwen_default"
     run 80 qwen_general python3 benchmarks/engine_bench.py --shape qwen3-0.6b --skip-hf --no-fused-gemv \
       --out "$out/qwen_general"
+    ;;
+  onerow)  # ~250 s at most: the one-row GEMVs with the norm's 1/rms from the main loop (no prologue pass)
+    run 90 gpu_check_fused python3 benchmarks/gpu_check.py --fused-gemv --skip-8b --out "$out/gpu_check_fused"
+    run 60 gemv_rows python3 benchmarks/gemv_bench.py --rows 1 --out "$out"
+    run 100 engine_default python3 benchmarks/engine_bench.py --shape llama-8b --skip-hf --out "$out/engine_default"
     ;;
   ab)  # ~580 s at most: Qwen3 both ways, profiles, partition policies, 16k-token steps. Carry the
        # tuned configs as benchmarks/results/gemv_configs.json (the check stage's) if there are any.

@@ -14,13 +14,16 @@ CUDA graph (H200 profile: 0.88 ms of small kernels and 0.43 ms of gaps in a 4.8 
   gemv_norm_silu     x -> RMSNorm -> gate/up projection -> silu(gate) * up. One program = HB rows
                      of gate and the same HB rows of up.
 
-The norm prologue recomputes the row's sum of squares in every program: the row is a few KB read
-from L2, against the program's tens of KB of weights.
+Every program computes the norm's sum of squares of the whole row itself: the row is a few KB
+read from L2, against the program's tens of KB of weights.
 
-Numerics follow the unfused path's rounding points (the torch reference in tokenmill.layers):
-the norm's x.to(dtype) and weight product, the projection's output rounded to the activation
-dtype before RoPE / SiLU / the residual add, each of those rounded as fused_ops does. Only the
-projection's fp32 summation order differs from cuBLAS's. Inputs: 2-D [M, K] activations with a
+Numerics: the projection's output is rounded to the activation dtype before RoPE / SiLU / the
+residual add, each of those rounded as fused_ops does, as on the unfused path (the torch
+reference in tokenmill.layers); the projection's fp32 summation order differs from cuBLAS's. On
+the tl.dot path the norm rounds as the reference does (x.to(dtype), then the weight product). The
+one-row path computes (x * norm weight) @ W^T / rms(x) in fp32, without rounding the normalised
+x to the activation dtype first: one rounding fewer (closer to exact), and the 1/rms comes from
+the main loop instead of a pass over x before it (H200: qkv 16.1 -> see docs/performance.md). Inputs: 2-D [M, K] activations with a
 contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
 for all M rows): one row runs a broadcast-multiply-sum loop on the CUDA cores, 2-64 rows tl.dot on
 16, 32 or 64 padded rows (see GEMV_CONFIGS for why the two and what they cost).
@@ -42,27 +45,17 @@ from tokenmill.kernels.pdl import launch_next, supports_pdl, wait_for_inputs
 # ahead of cuBLAS (benchmarks/gemv_bench.py times 1-64 rows both ways; see GEMV_CONFIGS).
 MAX_FUSED_ROWS = 64
 ENGINE_FUSED_ROWS = 1
-MAX_ONE_LOAD_ROW = 8192  # the norm prologue's single-load row, at most 64 fp32 registers per thread
 
 
 @triton.jit
-def _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_ROW: tl.constexpr):
-    """[BLOCK_M] fp32 1/rms of each row of x (the RMSNorm prologue's reduction). With BLOCK_ROW
-    (K rounded up to a power of two, when small enough) the row is one load: one memory latency
-    before the weights start streaming, not K / BLOCK_K of them in a row."""
-    if BLOCK_ROW > 0:
-        offs_k = tl.arange(0, BLOCK_ROW)
+def _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M] fp32 1/rms of each row of x: the tl.dot path's RMSNorm prologue."""
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        ss = tl.sum(xk * xk, 1)
-    else:
-        ss = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            ss += tl.sum(xk * xk, 1)
+        ss += tl.sum(xk * xk, 1)
     return tl.rsqrt(ss / K + eps)
 
 
@@ -79,6 +72,19 @@ def _x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, inv_rms, nw_ptr, NORM:
         nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         xk = (nw[None, :] * xn).to(dt).to(tl.float32)
     return xk
+
+
+@triton.jit
+def _raw_x_chunk(x_ptr, stride_xm, offs_m, m_mask, offs_k, K, nw_ptr, NORM: tl.constexpr):
+    """([BLOCK_M, BLOCK_K] x * norm weight (x alone without NORM), x * x), fp32: the one-row
+    path's RMSNorm, whose 1/rms scales the projection's sums after the loop."""
+    k_mask = offs_k < K
+    xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                 mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    sq = xk * xk
+    if NORM:
+        xk = xk * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return xk, sq
 
 
 @triton.jit
@@ -111,48 +117,56 @@ def _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K):
 @triton.jit
 def _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
                   nw_ptr, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_K: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """x (normalised when NORM) times two sets of HB weight rows: ([BLOCK_M, HB], [BLOCK_M, HB]).
 
     One row (BLOCK_M == 1): products accumulate elementwise in [HB, BLOCK_K // FOLD] fp32
     registers and are reduced across threads once, after the loop (a reduction per K chunk would
     put warp shuffles between the weight loads). The first K chunk of weights is loaded before
-    waiting for the previous kernel (PDL): its latency overlaps that kernel's tail. More rows:
-    tl.dot on 16 padded rows."""
+    waiting for the previous kernel (PDL): its latency overlaps that kernel's tail. The norm's
+    sum of squares accumulates in the same loop from the x chunks it loads anyway, and its 1/rms
+    scales the sums at the end: no prologue pass over x before the weights stream. More rows:
+    tl.dot on 16 padded rows, after a prologue pass for 1/rms."""
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     wa = w_ptr + rows_a.to(tl.int64)[:, None] * stride_wn
     wb = w_ptr + rows_b.to(tl.int64)[:, None] * stride_wn
-    inv_rms = tl.zeros([BLOCK_M], tl.float32)
     if BLOCK_M == 1:
         offs_k = tl.arange(0, BLOCK_K)
         w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
         wait_for_inputs(PDL)
-        if NORM:
-            inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
         # The one row is read as an [HB, BLOCK_K] tile (every row of it row 0, served by L1) so
         # that it comes in the weight tile's register layout: a [1, BLOCK_K] load would be
         # converted through shared memory, with barriers, in every iteration.
         row0 = tl.zeros([HB], tl.int32)
         all_rows = row0 == 0
-        inv_rms_rows = row0.to(tl.float32) + inv_rms
-        xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
+        xk, sq = _raw_x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, nw_ptr, NORM)
         part_a = _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
         part_b = _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+        part_sq = _fold(sq, HB, BLOCK_K, FOLD)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w_a, w_b = _weight_tiles(wa, wb, mask_a, mask_b, offs_k, K)
-            xk = _x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, inv_rms_rows, nw_ptr, NORM)
+            xk, sq = _raw_x_chunk(x_ptr, stride_xm, row0, all_rows, offs_k, K, nw_ptr, NORM)
             part_a += _fold(w_a.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
             part_b += _fold(w_b.to(tl.float32) * xk, HB, BLOCK_K, FOLD)
+            if NORM:
+                part_sq += _fold(sq, HB, BLOCK_K, FOLD)
         launch_next(PDL)
-        acc_a = tl.sum(part_a, 1)[None, :]
-        acc_b = tl.sum(part_b, 1)[None, :]
+        acc_a = tl.sum(part_a, 1)
+        acc_b = tl.sum(part_b, 1)
+        if NORM:  # [HB] copies of the row's 1/rms: RMSNorm(x) @ W^T = (x * w_norm) @ W^T / rms(x)
+            inv = tl.rsqrt(tl.sum(part_sq, 1) / K + eps)
+            acc_a = acc_a * inv
+            acc_b = acc_b * inv
+        acc_a = acc_a[None, :]
+        acc_b = acc_b[None, :]
     else:
         wait_for_inputs(PDL)
+        inv_rms = tl.zeros([BLOCK_M], tl.float32)
         if NORM:
-            inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K, BLOCK_ROW)
+            inv_rms = _inv_rms(x_ptr, stride_xm, offs_m, m_mask, K, eps, BLOCK_M, BLOCK_K)
         acc_a = tl.zeros([BLOCK_M, HB], tl.float32)
         acc_b = tl.zeros([BLOCK_M, HB], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -172,7 +186,7 @@ def _norm_rope_kv_kernel(
     stride_ckv, stride_cslot, stride_ch,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -184,7 +198,7 @@ def _norm_rope_kv_kernel(
     rows_b = rows_a + HALF
     ones = d >= 0
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, ones, ones,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, FOLD, UPCAST, DOT_PRECISION, PDL)
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a).to(tl.float32)[None, :]
@@ -229,7 +243,7 @@ def _linear_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N, K, eps, stride_xm, stride_wn, stride_rm, stride_om,
     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # Two sets of HB consecutive rows: rows [2*HB*pid, 2*HB*pid + 2*HB).
@@ -238,7 +252,7 @@ def _linear_kernel(
     mask_a = rows_a < N
     mask_b = rows_b < N
     acc_a, acc_b = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, rows_a, rows_b, mask_a, mask_b,
-                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
+                                 nw_ptr, eps, NORM, BLOCK_M, HB, BLOCK_K, FOLD, UPCAST, DOT_PRECISION, PDL)
     if HAS_BIAS:
         acc_a += tl.load(b_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         acc_b += tl.load(b_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
@@ -263,13 +277,13 @@ def _store_rows(acc, rows, row_mask, M, res_ptr, out_ptr, stride_rm, stride_om, 
 def _norm_silu_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, INTER, K, eps, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOLD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * HB + tl.arange(0, HB)  # output columns = gate rows; up rows + INTER
     mask_c = cols < INTER
     acc_g, acc_u = _two_row_sets(x_ptr, stride_xm, M, K, w_ptr, stride_wn, cols, cols + INTER, mask_c, mask_c,
-                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, BLOCK_ROW, FOLD, UPCAST, DOT_PRECISION, PDL)
+                                 nw_ptr, eps, True, BLOCK_M, HB, BLOCK_K, FOLD, UPCAST, DOT_PRECISION, PDL)
     dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -376,8 +390,6 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
     k = weight.shape[1]
     launch = dict(UPCAST=kernels_interpreted(),
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
-                  # The norm prologue loads the whole row at once up to this size (registers).
-                  BLOCK_ROW=triton.next_power_of_2(k) if block_m == 1 and k <= MAX_ONE_LOAD_ROW else 0,
                   BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
                   FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)),
                   PDL=cfg["pdl"] and supports_pdl(weight.device))
