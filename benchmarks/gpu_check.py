@@ -58,18 +58,19 @@ def hf_teacher_forced_gap(model, prompt_ids, output_ids, device) -> float:
     return float((logits.max(dim=-1).values - chosen).max())
 
 
-def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool = False) -> list[dict]:
+def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool | None = None) -> list[dict]:
+    """bf16 greedy tokens against HF per prompt, in a batch and alone (batch-1 decode steps: the
+    fused layers' one-row path where fused_gemv is on, the default on CUDA)."""
     from transformers import AutoModelForCausalLM
 
     rows = []
     for arch in ARCHITECTURES:
-        # fused_gemv: head_dim 32, so batches of 2-16 take the fused layers too (their RoPE epilogue
-        # needs half heads in multiples of 16; the default tiny head_dim is 16).
-        model_dir = build_tiny_model(root / arch, arch, seed=1, head_dim=32 if fused_gemv else None)
+        model_dir = build_tiny_model(root / arch, arch, seed=1)
         llm = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
                   fused_gemv=fused_gemv)
         params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
         outs = llm.generate(PROMPTS, params)
+        alone = [llm.generate([prompt], params)[0].outputs[0].token_ids for prompt in PROMPTS]
         # The same engine with steps run one at a time (no async scheduling): identical tokens.
         sync = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=256, max_num_batched_tokens=32,
                    async_scheduling=False, fused_gemv=fused_gemv)
@@ -87,7 +88,10 @@ def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool = Fa
             lp_diff = max((abs(got.logprobs[i][t].logprob - ref_lp[i]) for i, t in enumerate(got.token_ids[:same])),
                           default=0.0)
             gap = hf_teacher_forced_gap(hf, out.prompt_token_ids, got.token_ids, device)
+            same_alone = next((i for i, (a, b) in enumerate(zip(alone[prompt_index], ref_ids)) if a != b), steps)
             rows.append(dict(arch=arch, prompt=prompt_index, matching_tokens=same, steps=steps,
+                             alone_matching_tokens=same_alone,
+                             alone_margin_at_divergence=margins[same_alone] if same_alone < steps else None,
                              async_scheduling=llm.llm_engine.core.async_scheduling,
                              async_equals_sync=got.token_ids == sync_ids[prompt_index],
                              sampled_async_equals_sync=sampled_async[prompt_index] == sampled_sync[prompt_index],
@@ -139,7 +143,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--skip-8b", action="store_true")
-    parser.add_argument("--fused-gemv", action="store_true", help="tiny models through the fused small-batch layers")
+    parser.add_argument("--fused-gemv", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fused batch-1 layers (default: the engine's, on for CUDA)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -162,11 +167,13 @@ def main() -> int:
 
     print(f"\n{result['device']}  torch {result['torch']}  transformers {result['transformers']}  {result['date']}")
     print(f"{'arch':8} {'prompt':>6} {'match':>9} {'max|dlogprob|':>14} {'HF top-2 gap at divergence':>27} "
-          f"{'teacher-forced gap':>19}")
+          f"{'teacher-forced gap':>19} {'alone':>9} {'gap':>7}")
     for row in result["tiny"]:
         gap = "" if row["hf_margin_at_divergence"] is None else f"{row['hf_margin_at_divergence']:.4f}"
+        gap_alone = "" if row["alone_margin_at_divergence"] is None else f"{row['alone_margin_at_divergence']:.4f}"
         print(f"{row['arch']:8} {row['prompt']:>6} {row['matching_tokens']:>4}/{row['steps']:<4} "
-              f"{row['max_logprob_diff']:>14.2e} {gap:>27} {row['teacher_forced_max_gap']:>19.4f}")
+              f"{row['max_logprob_diff']:>14.2e} {gap:>27} {row['teacher_forced_max_gap']:>19.4f} "
+              f"{row['alone_matching_tokens']:>4}/{row['steps']:<4} {gap_alone:>7}")
     rows = result["tiny"]
     print(f"async scheduling on: {all(r['async_scheduling'] for r in rows)}; tokens identical to synchronous "
           f"steps: {sum(r['async_equals_sync'] for r in rows)}/{len(rows)} prompts greedy, "

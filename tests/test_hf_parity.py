@@ -118,36 +118,41 @@ def test_half_precision_tracks_float32_transformers(dtype, tol, llama_dir):
 
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
 def test_fused_gemv_path_matches_transformers(arch, tmp_path, monkeypatch):
-    """fused_gemv: steps of <= ENGINE_FUSED_ROWS tokens (16 here, so every step: chunks of 8, then 3
-    decodes; the tuned default is 1) run the fused layers (interpreted on a CPU) and give HF's
-    greedy tokens; qwen2 covers the qkv bias in the RoPE epilogue, qwen3 the q/k-norm variant."""
+    """fused_gemv gives HF's greedy tokens and logprobs (interpreted on a CPU), on both kernel paths:
+    with ENGINE_FUSED_ROWS raised to 16 a batch of three takes the tl.dot kernels at every step
+    (chunks of 8, then 3 decodes); a prompt alone, at the default limit (1), decodes through
+    the one-row kernels. qwen2 covers the qkv bias in the RoPE epilogue, qwen3 the q/k-norm variant."""
     from tokenmill.kernels import HAS_TRITON, kernels_interpreted
     from tokenmill.models import llama
 
     if not HAS_TRITON or not (kernels_interpreted() or torch.cuda.is_available()):
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 before triton is imported")
-    calls = {"norm_silu": 0}
+    rows_seen: list[int] = []
     real = llama.gemv.gemv_norm_silu
 
-    def counting(*args, **kwargs):
-        calls["norm_silu"] += 1
-        return real(*args, **kwargs)
+    def counting(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return real(x, *args, **kwargs)
 
     monkeypatch.setattr(llama.gemv, "gemv_norm_silu", counting)
-    monkeypatch.setattr(llama.gemv, "ENGINE_FUSED_ROWS", 16)  # the multi-row (tl.dot) kernels too
     # head_dim 32: the multi-row RoPE epilogue takes row sets of 16 (the default tiny head_dim is 16).
     model_dir = build_tiny_model(tmp_path / arch, arch, seed=7, head_dim=32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     llm = LLM(str(model_dir), num_kv_blocks=64, max_num_batched_tokens=8, device=device, kernel_backend="triton",
               fused_gemv=True, enforce_eager=True)
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    outputs = llm.generate(PROMPTS[:3], params)
     model = llm.llm_engine.core.runner.model.model
-    assert calls["norm_silu"] >= len(model.layers) * 5, calls  # every step took the fused path
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
     ids = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
-    assert model.takes_fused_path(ids(1)) and model.takes_fused_path(ids(16))
-    assert not model.takes_fused_path(ids(17)) and not model.takes_fused_path(ids(0))  # 17+: cuBLAS
-    for out in outputs:
+
+    assert model.takes_fused_path(ids(1)) and not model.takes_fused_path(ids(2))  # the default limit
+    alone = [llm.generate([PROMPTS[0]], params)[0]]
+    assert rows_seen and set(rows_seen) == {1}, rows_seen  # the decode steps, one row each
+    rows_seen.clear()
+    monkeypatch.setattr(llama.gemv, "ENGINE_FUSED_ROWS", 16)
+    batched = llm.generate(PROMPTS[:3], params)
+    assert len(rows_seen) >= len(model.layers) * 5 and max(rows_seen) > 1, rows_seen  # every step fused
+    assert model.takes_fused_path(ids(16)) and not model.takes_fused_path(ids(17)) and not model.takes_fused_path(ids(0))
+    for out in alone + batched:
         ref_ids, ref_logprobs = hf_greedy(model_dir, out.prompt_token_ids, 5)
         got = out.outputs[0]
         assert got.token_ids == ref_ids, f"{arch}: prompt {out.prompt!r}"
