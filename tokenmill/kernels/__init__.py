@@ -9,11 +9,13 @@
                                                             ~ RotaryEmbedding.forward, then write_kv
   gemv.gemv_norm_rope_kv / gemv_linear / gemv_norm_silu     ~ a decoder layer's projections with the
                                                               norms, RoPE, KV write, SiLU and residual
-                                                              adds around them (batches <= 16 tokens)
+                                                              adds around them (one-token steps)
 
 Dispatch: `paged_attention(...)` and `write_kv(...)` take the torch path's arguments plus
 `backend`: "auto" (Triton for CUDA tensors when Triton is installed, else the torch reference),
-"triton" or "torch". The switch is explicit: nothing here reads the environment.
+"triton" or "torch". The switch is explicit; the only environment the kernels read is
+TOKENMILL_PDL=0 (no programmatic dependent launches, kernels/pdl.py) and TOKENMILL_GEMV_CONFIGS
+(tuned fused-GEMV launch configs, kernels/gemv.py).
 
 Note: the package attribute `paged_attention` is the dispatch function, which shadows the submodule
 of the same name for `import tokenmill.kernels.paged_attention as m`; use

@@ -9,8 +9,10 @@ RoPE, KV write, attention, ... as separate kernels. With `fused_gemv`, batches o
 `gemv.ENGINE_FUSED_ROWS` tokens on the Triton backend take the fused path instead: the residual
 stream is carried already summed, and each layer is gemv_norm_rope_kv -> attention ->
 gemv_linear(+residual) -> gemv_norm_silu -> gemv_linear(+residual) (tokenmill/kernels/gemv.py),
-5 launches where the general path makes ~13. Same rounding points, so the same tokens up to the
-projections' summation order.
+5 launches where the general path makes ~13 (one-token steps by default: 92% of the bandwidth
+roofline at batch 1 on an H200, docs/performance.md). Same rounding points after each projection,
+so the same tokens up to the projections' summation order and, on the one-row kernels, the
+norm's scale applied after the dot product (bf16 near-ties).
 """
 
 from __future__ import annotations
