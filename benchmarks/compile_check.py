@@ -82,6 +82,18 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
     return sig, constexprs, attrs, options
 
 
+def _pdl_prologue(ptx: str) -> dict:
+    """Whether the kernel waits for its predecessor (griddepcontrol.wait), and the global loads and
+    stores its PTX issues before the first wait: PDL allows loads of weights there, nothing else."""
+    lines = ptx.splitlines()
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), None)
+    before = lines[:wait] if wait is not None else []
+    return {"pdl_wait": wait is not None,
+            "pre_wait_loads": sum(("ld.global" in line or "cp.async" in line) and "commit" not in line
+                                  and "wait" not in line for line in before),
+            "pre_wait_stores": sum(any(op in line for op in ("st.global", "atom.", "red.")) for line in before)}
+
+
 def _resources(cubin: bytes) -> dict:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -127,7 +139,7 @@ class Catcher:
                                           target=TARGET, options=options)
                 record.update(ok=True, **_resources(compiled.asm["cubin"]), **options)
                 record["shared_bytes"] = compiled.metadata.shared  # dynamic (tl.dot stages) and static
-                record["pdl_wait"] = "griddepcontrol.wait" in compiled.asm["ptx"]
+                record.update(_pdl_prologue(compiled.asm["ptx"]))
             except Exception as e:  # the finding this script exists for
                 record.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
             self.results.append(record)
@@ -206,8 +218,9 @@ def main() -> int:
           f"{len(failed)} failed")
     for r in catcher.results:
         if r["ok"]:
+            pdl = f"  pdl ({r['pre_wait_loads']} ld, {r['pre_wait_stores']} st before the wait)" if r["pdl_wait"] else ""
             print(f"  ok   {r['kernel']:24} regs {r['registers']:3}  spill {r['local_bytes']:4} B  shared "
-                  f"{r['shared_bytes']:6} B  warps {r.get('num_warps', '-')}{'  pdl' if r['pdl_wait'] else ''}  {r['case']}")
+                  f"{r['shared_bytes']:6} B  warps {r.get('num_warps', '-')}{pdl}  {r['case']}")
         else:
             print(f"  FAIL {r['kernel']:24} {r['case']}: {r['error']}")
     if args.out:

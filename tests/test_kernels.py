@@ -19,6 +19,7 @@ With CUDA it leaves the variable alone and tests the compiled kernels on the GPU
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -395,7 +396,9 @@ def _fused_weights(gen, dtype, *shapes):
 
 
 # One row runs the broadcast path, or with mma=True the tl.dot path (as more rows always do).
-GEMV_PATHS = [(1, None), (1, {"mma": True}), (3, None), (33, None)]
+# One row with several K chunks and a ragged last one (the test K's fit one default chunk), one row
+# through tl.dot, and the tl.dot path at 16 and 64 padded rows.
+GEMV_PATHS = [(1, None), (1, {"block_k": 16}), (1, {"mma": True}), (3, None), (33, None)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -514,12 +517,31 @@ def test_gemv_tuned_configs_load(tmp_path, monkeypatch):
                                                 "num_warps": cfg["dot_num_warps"],
                                                 "num_stages": cfg["dot_num_stages"], "fold": 1,
                                                 "pdl": cfg["pdl"]}, True)
+    before = copy.deepcopy(gemv.GEMV_CONFIGS)
     for bad, message in (({"configs": {"lin": {}}}, "unknown GEMV kernel 'lin'"),
                          ({"configs": {"linear": {"hbb": 1}}}, r"unknown keys \['hbb'\] for 'linear'"),
-                         ({"engine_fused_rows": 65}, r"engine_fused_rows must be an integer in \[0, 64\], got 65")):
+                         ({"configs": {"linear": {"pdl": "false"}}}, "linear.pdl must be true or false, got 'false'"),
+                         ({"configs": {"linear": {"hb": 2}, "norm_silu": {"block_k": 1000}}},
+                          "norm_silu.block_k must be a positive integer, a power of two, got 1000"),
+                         ({"configs": {"linear": {"num_stages": 0}}}, "linear.num_stages must be a positive integer, got 0"),
+                         ({"engine_fused_rows": 65}, r"engine_fused_rows must be an integer in \[0, 64\], got 65"),
+                         ({"engine_fused_rows": True}, r"engine_fused_rows must be an integer in \[0, 64\], got True")):
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             gemv.load_tuned_configs(str(path))
+        assert gemv.GEMV_CONFIGS == before and gemv.ENGINE_FUSED_ROWS == 32  # nothing applied
+
+
+def test_gemv_tuned_configs_env_error_names_the_variable(tmp_path):
+    """A bad TOKENMILL_GEMV_CONFIGS fails the import with the variable, the file and the problem."""
+    path = tmp_path / "bad.json"
+    path.write_text('{"configs": {"linear": {"hb": 3}}}')
+    env = dict(os.environ, TOKENMILL_GEMV_CONFIGS=str(path))
+    proc = subprocess.run([sys.executable, "-c", "import tokenmill.kernels.gemv"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0
+    assert f"ValueError: TOKENMILL_GEMV_CONFIGS={path}: {path}: linear.hb must be a positive integer, a power of two, got 3" \
+        in proc.stderr, proc.stderr[-2000:]
 
 
 def test_kernels_compile_for_hopper():
@@ -536,12 +558,18 @@ def test_kernels_compile_for_hopper():
     assert "0 failed" in summary and int(summary.split(": ")[1].split()[0]) >= 30, summary
     assert all(" spill    0 B" in line for line in proc.stdout.splitlines()[1:] if line.strip().startswith("ok")), \
         proc.stdout
-    # Programmatic dependent launch: the one-row fused GEMVs and the decode kernels wait for their
+    # Programmatic dependent launch: the fused GEMVs and the decode kernels wait for their
     # predecessor in the compiled code (griddepcontrol.wait); the general path's kernels do not.
+    # Before the wait nothing is stored and nothing loaded, except the first weight chunk of the
+    # one-row GEMVs (the PDL rule, tokenmill/kernels/pdl.py).
     lines = [line for line in proc.stdout.splitlines()[1:] if line.strip().startswith("ok")]
-    pdl = {line.split()[1] for line in lines if "  pdl  " in line}
+    pdl = {line.split()[1] for line in lines if "  pdl (" in line}
     assert pdl == {"_norm_rope_kv_kernel", "_linear_kernel", "_norm_silu_kernel", "_decode_kernel",
                    "_decode_reduce_kernel"}, proc.stdout
+    for line in (line for line in lines if "  pdl (" in line):
+        loads, stores = (int(n) for n in re.search(r"pdl \((\d+) ld, (\d+) st before the wait\)", line).groups())
+        one_row = line.endswith("fused layer, 1 row(s)")
+        assert stores == 0 and (loads > 0 if one_row else loads == 0), line
 
 
 def test_compiled_kernels_refuse_cpu_tensors(monkeypatch):

@@ -197,7 +197,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they need the Triton kernels on CUDA)
     # One-token steps (batch-1 decode) on the Triton backend run each decoder layer as 5 fused
     # kernels (projection + norm / RoPE / KV write / SiLU / residual add; tokenmill/kernels/gemv.py)
-    # instead of cuBLAS plus ~9 small kernels: 89% of the bandwidth roofline against 75% on an H200.
+    # instead of cuBLAS plus ~9 small kernels: 92% of the bandwidth roofline against 75% on an H200.
     # None = on for CUDA devices; True on a backend without Triton kernels is warned about.
     fused_gemv: bool | None = None
     # Schedule and queue step N+1 before reading step N's tokens back (EngineCore.step). None = on

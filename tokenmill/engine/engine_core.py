@@ -66,7 +66,10 @@ class EngineCore:
         # Start-up leaves many long-lived objects (modules, Triton's compiled kernels and launchers,
         # graph pools). Frozen, a full collection during serving does not walk them all: one stalled
         # the device for ~250 ms before a decode step (H200, 2026-12-01). vLLM's engine core freezes
-        # its start-up heap for the same reason.
+        # its start-up heap for the same reason. The freeze is process-wide: whatever is alive now
+        # (in-process, an earlier engine too) is exempt from cycle collection from here on, so code
+        # that builds engine after engine in one process drops the old one (del + gc.collect())
+        # before making the next, as the benchmarks do. Plain reference counting still frees it.
         gc.collect()
         gc.freeze()
         self.runner.step_timer.collect()  # drop anything start-up ran

@@ -23,8 +23,8 @@ reference in tokenmill.layers); the projection's fp32 summation order differs fr
 the tl.dot path the norm rounds as the reference does (x.to(dtype), then the weight product). The
 one-row path computes (x * norm weight) @ W^T / rms(x) in fp32, without rounding the normalised
 x to the activation dtype first: one rounding fewer (closer to exact), and the 1/rms comes from
-the main loop instead of a pass over x before it (H200: qkv 16.1 -> see docs/performance.md). Inputs: 2-D [M, K] activations with a
-contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
+the main loop instead of a pass over x before it (H200: qkv 16.1 -> 15.7 us, gate/up 56.4 ->
+55.6 us). Inputs: 2-D [M, K] activations with a contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
 for all M rows): one row runs a broadcast-multiply-sum loop on the CUDA cores, 2-64 rows tl.dot on
 16, 32 or 64 padded rows (see GEMV_CONFIGS for why the two and what they cost).
 """
@@ -302,14 +302,17 @@ def _norm_silu_kernel(
 # Launch settings per kernel. One row (unless `mma`) takes the broadcast path: hb rows per row
 # set, block_k, fold, num_warps, num_stages. More rows (or `mma`) take the tl.dot path: dot_hb
 # (>= 16, tl.dot's smallest N), dot_block_k, dot_num_warps, dot_num_stages. `pdl`: launch as a
-# programmatic dependent of the previous kernel (sm_90+; the first weight chunk loads before the
-# wait). From the compiled code (sm_90, triton 3.9 and 3.6, benchmarks/compile_check.py, the PTX):
-# - the broadcast loop is 12 16-byte loads per thread and the products, nothing else (no shared
-#   memory, no barriers, no shuffles), but it is not software-pipelined; `fold` sums each thread's
-#   products 8 to 1 before accumulating, which takes the plain projection from 128 to 56-72
-#   registers, so ~6 programs fit an SM;
+# programmatic dependent of the previous kernel (sm_90+; on the one-row path the first weight
+# chunk loads before the wait). From the compiled code (sm_90, triton 3.9 and 3.6,
+# benchmarks/compile_check.py, the PTX):
+# - the broadcast loop is the weight and x loads (16 bytes each per thread) and the products,
+#   nothing else (no shared memory, no barriers, no shuffles), but it is not software-pipelined;
+#   `fold` sums each thread's products 8 to 1 before accumulating (at hb 4 x 1024 that took the
+#   projection from 128 to 56-72 registers; the swept hb 2 x 1024 compiles to 39-56);
 # - tl.dot streams the weights through shared memory with cp.async, num_stages - 1 chunks ahead;
-#   the 16-row norm kernels hit the 255-register cap at block_k 512, hence dot_block_k 256.
+#   16-row norm kernels reach the 255-register cap at dot_block_k 512 (dot_block_k 256 for them;
+#   `linear` at 512 is at exactly 255 with the q/k-norm prologue: matters only if ENGINE_FUSED_ROWS
+#   is raised).
 # Values: the fastest of `benchmarks/gemv_bench.py --sweep` on an H200 (2026-12-01, 8B shape,
 # docs/performance.md): one row 3.1-4.2 TB/s against cuBLAS's 2.1-3.7 (+ its separate norm, RoPE,
 # SiLU, residual kernels); PDL won on every kind. At 2-64 rows the tl.dot path lost to cuBLAS on
@@ -330,31 +333,49 @@ def load_tuned_configs(path: str) -> None:
     """Update GEMV_CONFIGS (and ENGINE_FUSED_ROWS) from a JSON file as `gemv_bench.py --sweep`
     writes it: {"configs": {kind: {key: value}}, "engine_fused_rows": n}. Read at import from the
     file TOKENMILL_GEMV_CONFIGS names (the way vLLM reads tuned fused-MoE configs), so a tuned
-    device runs with its own figures without a code change."""
+    device runs with its own figures without a code change. The whole file is checked before
+    anything is applied: unknown kernels or keys, wrong types, tile sizes that are not powers of two
+    and a row limit out of range are errors naming the file and the value."""
     global ENGINE_FUSED_ROWS
     import json
 
     with open(path) as f:
         tuned = json.load(f)
-    for kind, overrides in tuned.get("configs", {}).items():
+    configs = tuned.get("configs", {})
+    for kind, overrides in configs.items():
         if kind not in GEMV_CONFIGS:
             raise ValueError(f"{path}: unknown GEMV kernel {kind!r} (known: {', '.join(GEMV_CONFIGS)})")
         unknown = set(overrides) - set(GEMV_CONFIGS[kind])
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)} for {kind!r} (known: {sorted(GEMV_CONFIGS[kind])})")
-        GEMV_CONFIGS[kind].update(overrides)
+        for key, value in overrides.items():
+            flag = key in ("mma", "pdl")
+            ok = isinstance(value, bool) if flag else (isinstance(value, int) and not isinstance(value, bool)
+                                                       and value >= 1)
+            if ok and not flag and key not in ("num_stages", "dot_num_stages"):
+                ok = value & (value - 1) == 0  # tile sizes, fold and warps: powers of two
+            if not ok:
+                want = "true or false" if flag else "a positive integer" + (
+                    "" if key.endswith("num_stages") else ", a power of two")
+                raise ValueError(f"{path}: {kind}.{key} must be {want}, got {value!r}")
     rows = tuned.get("engine_fused_rows", ENGINE_FUSED_ROWS)
-    if not isinstance(rows, int) or not 0 <= rows <= MAX_FUSED_ROWS:
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= MAX_FUSED_ROWS:
         raise ValueError(f"{path}: engine_fused_rows must be an integer in [0, {MAX_FUSED_ROWS}], got {rows!r}")
+    for kind, overrides in configs.items():
+        GEMV_CONFIGS[kind].update(overrides)
     ENGINE_FUSED_ROWS = rows
 
 
 if os.environ.get(TUNED_CONFIGS_ENV):
-    load_tuned_configs(os.environ[TUNED_CONFIGS_ENV])
+    try:
+        load_tuned_configs(os.environ[TUNED_CONFIGS_ENV])
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{TUNED_CONFIGS_ENV}={os.environ[TUNED_CONFIGS_ENV]}: {e}") from e
 
 
 def _config(kind: str, m: int, config: dict | None) -> tuple[dict, bool]:
-    """(hb, block_k, num_warps, num_stages of the path a launch of `kind` over m rows takes, uses tl.dot)."""
+    """(hb, block_k, num_warps, num_stages, fold, pdl of the path a launch of `kind` over m rows
+    takes, whether it is the tl.dot path)."""
     cfg = dict(GEMV_CONFIGS[kind], **(config or {}))
     dot = m > 1 or cfg["mma"]
     keys = ("hb", "block_k", "num_warps", "num_stages")

@@ -22,8 +22,10 @@ Decode kernel (`_decode_kernel` + `_decode_reduce_kernel`), grid (num_decodes, H
   to 16 rows for tl.dot) and one partition of the context; with one partition it writes the output
   directly, otherwise it writes a partial output normalised by its own sum plus its log-sum-exp,
   and the reduce kernel (grid (num_decodes, Hq)) combines the partitions. The partition count is
-  chosen on the host so that num_decodes * Hkv * partitions fills the GPU (batch 1 at 8k context:
-  8 kv heads x 32 partitions of 256 keys).
+  chosen on the host so that num_decodes * Hkv * partitions fills the GPU (`decode_partition_size`;
+  batch 1 at 8k context: 8 kv heads x 67 partitions of 128 keys). Under a CUDA graph's grid (sized
+  for max_model_len) each request divides its own context over the grid's partitions
+  (DECODE_PARTITIONS = "dynamic").
 
 Numerics: fp32 accumulation and softmax for bf16/fp16/fp32 inputs; P is cast to the cache dtype
 before the P @ V product (as flash attention does). fp32 inputs use IEEE fp32 dots (no TF32).

@@ -45,9 +45,10 @@ _DEVICES: dict[torch.device, bool] = {}
 
 
 def supports_pdl(device: torch.device) -> bool:
-    """Whether launches on `device` use PDL: compiled kernels (not the interpreter) on sm_90+,
-    unless TOKENMILL_PDL=0."""
-    if kernels_interpreted() or device.type != "cuda" or os.environ.get(PDL_ENV, "1").strip() == "0":
+    """Whether launches on `device` use PDL: compiled kernels (not the interpreter) on an NVIDIA
+    sm_90+ GPU, unless TOKENMILL_PDL=0."""
+    if (kernels_interpreted() or device.type != "cuda" or torch.version.hip is not None  # ROCm: no griddepcontrol
+            or os.environ.get(PDL_ENV, "1").strip() == "0"):
         return False
     if device not in _DEVICES:
         _DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9

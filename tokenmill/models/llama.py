@@ -10,9 +10,11 @@ RoPE, KV write, attention, ... as separate kernels. With `fused_gemv`, batches o
 stream is carried already summed, and each layer is gemv_norm_rope_kv -> attention ->
 gemv_linear(+residual) -> gemv_norm_silu -> gemv_linear(+residual) (tokenmill/kernels/gemv.py),
 5 launches where the general path makes ~13 (one-token steps by default: 92% of the bandwidth
-roofline at batch 1 on an H200, docs/performance.md). Same rounding points after each projection,
-so the same tokens up to the projections' summation order and, on the one-row kernels, the
-norm's scale applied after the dot product (bf16 near-ties).
+roofline at batch 1 on an H200, docs/performance.md). Both round where torch does after each
+projection. Before it, the one-row kernels skip the norm's two roundings to the activation dtype
+and apply 1/rms after the dot product, so on CUDA a request decoding alone and one in a batch
+take numerically different paths by default: the same tokens up to bf16 near-ties (and the
+projections' summation order).
 """
 
 from __future__ import annotations
