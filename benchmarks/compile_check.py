@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import tokenmill.kernels as K  # noqa: E402
-from tokenmill.kernels import fused_ops, gemv, kv_cache  # noqa: E402
+from tokenmill.kernels import fused_ops, gemv, kv_cache, pdl  # noqa: E402
 from tokenmill.kernels import paged_attention as _pa_dispatch  # noqa: E402, F401  (the dispatch function)
 from tokenmill.layers.attention import AttentionMetadata  # noqa: E402
 
@@ -120,14 +120,14 @@ class Catcher:
         for mod in (gemv, fused_ops, kv_cache, PA):
             mod.check_launchable = lambda *tensors: None  # CPU tensors stand in for CUDA ones
         PA._sm_count = lambda device: 132  # an H100/H200's: the decode split-K grid as on the device
-        self._supports_pdl = gemv.supports_pdl, PA.supports_pdl
-        gemv.supports_pdl = PA.supports_pdl = lambda device: True  # an sm_90 device's launches: PDL variants
+        self._supports_pdl = pdl.supports_pdl
+        pdl.supports_pdl = lambda device: True  # an sm_90 device's launches: PDL variants
         return self
 
     def __exit__(self, *exc):
         for fn in self.kernels:
             del fn.run  # back to the class's method
-        gemv.supports_pdl, PA.supports_pdl = self._supports_pdl
+        pdl.supports_pdl = self._supports_pdl
 
     def _compiler(self, fn: JITFunction):
         def run(*args, grid, warmup, **kwargs):

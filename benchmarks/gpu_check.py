@@ -58,6 +58,11 @@ def hf_teacher_forced_gap(model, prompt_ids, output_ids, device) -> float:
     return float((logits.max(dim=-1).values - chosen).max())
 
 
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens of a and b agree."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool | None = None) -> list[dict]:
     """bf16 greedy tokens against HF per prompt, in a batch and alone (batch-1 decode steps: the
     fused layers' one-row path where fused_gemv is on, the default on CUDA)."""
@@ -84,11 +89,11 @@ def check_tiny_models(root: Path, steps: int, device: str, fused_gemv: bool | No
         for prompt_index, out in enumerate(outs):
             ref_ids, ref_lp, margins = hf_greedy(hf, out.prompt_token_ids, steps, device)
             got = out.outputs[0]
-            same = next((i for i, (a, b) in enumerate(zip(got.token_ids, ref_ids)) if a != b), steps)
+            same = matching_prefix(got.token_ids, ref_ids)
             lp_diff = max((abs(got.logprobs[i][t].logprob - ref_lp[i]) for i, t in enumerate(got.token_ids[:same])),
                           default=0.0)
             gap = hf_teacher_forced_gap(hf, out.prompt_token_ids, got.token_ids, device)
-            same_alone = next((i for i, (a, b) in enumerate(zip(alone[prompt_index], ref_ids)) if a != b), steps)
+            same_alone = matching_prefix(alone[prompt_index], ref_ids)
             rows.append(dict(arch=arch, prompt=prompt_index, matching_tokens=same, steps=steps,
                              alone_matching_tokens=same_alone,
                              alone_margin_at_divergence=margins[same_alone] if same_alone < steps else None,
@@ -119,7 +124,7 @@ def check_8b(root: Path, num_requests: int, max_tokens: int) -> dict:
     completed = sum(1 for o in outs if o.finished and len(o.outputs[0].token_ids) == max_tokens)
     # Same request alone must give the same greedy tokens as inside the batch (bf16: report agreement).
     alone = llm.generate([prompts[0]], params)[0].outputs[0].token_ids
-    agree = next((i for i, (a, b) in enumerate(zip(alone, outs[0].outputs[0].token_ids)) if a != b), max_tokens)
+    agree = matching_prefix(alone, outs[0].outputs[0].token_ids)
     # Baseline for the fast-path issue: batch-1 decode speed of this (PyTorch, no graphs) path.
     single = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, detokenize=False)
     llm.generate([prompts[1][:128]], single)

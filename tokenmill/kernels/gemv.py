@@ -24,9 +24,12 @@ the tl.dot path the norm rounds as the reference does (x.to(dtype), then the wei
 one-row path computes (x * norm weight) @ W^T / rms(x) in fp32, without rounding the normalised
 x to the activation dtype first: one rounding fewer (closer to exact), and the 1/rms comes from
 the main loop instead of a pass over x before it (H200: qkv 16.1 -> 15.7 us, gate/up 56.4 ->
-55.6 us). Inputs: 2-D [M, K] activations with a contiguous last dim, weights [N, K] contiguous. M is small (the kernels load each weight tile once
-for all M rows): one row runs a broadcast-multiply-sum loop on the CUDA cores, 2-64 rows tl.dot on
-16, 32 or 64 padded rows (see GEMV_CONFIGS for why the two and what they cost).
+55.6 us).
+
+Inputs: 2-D [M, K] activations with a contiguous last dim, weights [N, K] contiguous. M is small
+(the kernels load each weight tile once for all M rows): one row runs a broadcast-multiply-sum
+loop on the CUDA cores, 2-64 rows tl.dot on 16, 32 or 64 padded rows (see GEMV_CONFIGS for why
+the two and what they cost).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
-from tokenmill.kernels.pdl import launch_next, supports_pdl, wait_for_inputs
+from tokenmill.kernels.pdl import launch_next, pdl_launch_args, wait_for_inputs
 
 # Largest batch the kernels take (tl.dot on 16, 32 or 64 padded rows), and the largest the model
 # sends them (`DecoderModel.takes_fused_path`): one row, where the H200 sweep has the fused layer
@@ -349,14 +352,14 @@ def load_tuned_configs(path: str) -> None:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)} for {kind!r} (known: {sorted(GEMV_CONFIGS[kind])})")
         for key, value in overrides.items():
-            flag = key in ("mma", "pdl")
-            ok = isinstance(value, bool) if flag else (isinstance(value, int) and not isinstance(value, bool)
-                                                       and value >= 1)
-            if ok and not flag and key not in ("num_stages", "dot_num_stages"):
-                ok = value & (value - 1) == 0  # tile sizes, fold and warps: powers of two
-            if not ok:
-                want = "true or false" if flag else "a positive integer" + (
-                    "" if key.endswith("num_stages") else ", a power of two")
+            if key in ("mma", "pdl"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{path}: {kind}.{key} must be true or false, got {value!r}")
+                continue
+            stages = key.endswith("num_stages")  # any count; tile sizes, fold and warps: powers of two
+            if (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                    or (not stages and value & (value - 1))):
+                want = "a positive integer" + ("" if stages else ", a power of two")
                 raise ValueError(f"{path}: {kind}.{key} must be {want}, got {value!r}")
     rows = tuned.get("engine_fused_rows", ENGINE_FUSED_ROWS)
     if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= MAX_FUSED_ROWS:
@@ -413,9 +416,7 @@ def _launch_args(kind: str, m: int, weight: torch.Tensor, config: dict | None) -
                   DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit
                   BLOCK_K=min(cfg["block_k"], triton.next_power_of_2(k)),
                   FOLD=min(cfg["fold"], cfg["block_k"], triton.next_power_of_2(k)),
-                  PDL=cfg["pdl"] and supports_pdl(weight.device))
-    if launch["PDL"]:
-        launch["launch_pdl"] = True
+                  **pdl_launch_args(weight.device, cfg["pdl"]))
     if not kernels_interpreted():
         # No FMA contraction: it would skip the roundings the epilogues copy from torch (see
         # fused_ops: RoPE matched torch on 84% of elements with it on an H100). The loop is

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.kernels import check_launchable, kernels_interpreted
-from tokenmill.kernels.pdl import launch_next, supports_pdl, wait_for_inputs
+from tokenmill.kernels.pdl import launch_next, pdl_launch_args, wait_for_inputs
 from tokenmill.layers.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -337,9 +337,6 @@ def decode_partition_size(num_decodes: int, num_kv_heads: int, max_seq_len: int,
 # H200, 8B batch 1 (engine_bench --decode-partitions, one machine): prompt 128 243.5 vs 241.0 tok/s,
 # 8k and throughput unchanged, so "dynamic".
 DECODE_PARTITIONS = "dynamic"
-# The decode kernels launch as programmatic dependents of the kernel before them (tokenmill.kernels.pdl):
-# at batch 1 each layer's attention is two kernels of a few microseconds.
-DECODE_PDL = True
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -405,7 +402,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
         if mode not in ("fixed", "dynamic"):
             raise ValueError(f"partitions must be 'fixed' or 'dynamic', got {mode!r}")
         dynamic = split and mode == "dynamic" and not explicit_partition
-        pdl = dict(PDL=True, launch_pdl=True) if DECODE_PDL and supports_pdl(q.device) else dict(PDL=False)
+        # Both decode kernels launch as programmatic dependents of the kernel before them (kernels/pdl.py):
+        # at batch 1 each layer's attention is two kernels of a few microseconds.
+        pdl = pdl_launch_args(q.device)
         if split:
             part_out = torch.empty((nd, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((nd, num_heads, num_parts), dtype=torch.float32, device=q.device)

@@ -46,10 +46,16 @@ _DEVICES: dict[torch.device, bool] = {}
 
 def supports_pdl(device: torch.device) -> bool:
     """Whether launches on `device` use PDL: compiled kernels (not the interpreter) on an NVIDIA
-    sm_90+ GPU, unless TOKENMILL_PDL=0."""
-    if (kernels_interpreted() or device.type != "cuda" or torch.version.hip is not None  # ROCm: no griddepcontrol
-            or os.environ.get(PDL_ENV, "1").strip() == "0"):
+    sm_90+ GPU, unless TOKENMILL_PDL=0 (read once per device, not per launch)."""
+    if device.type != "cuda" or kernels_interpreted():
         return False
     if device not in _DEVICES:
-        _DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
+        _DEVICES[device] = (torch.version.hip is None  # ROCm: no griddepcontrol
+                            and os.environ.get(PDL_ENV, "1").strip() != "0"
+                            and torch.cuda.get_device_capability(device)[0] >= 9)
     return _DEVICES[device]
+
+
+def pdl_launch_args(device: torch.device, enabled: bool = True) -> dict:
+    """A PDL-capable kernel's `PDL` constexpr and, when on, the `launch_pdl` launch option."""
+    return {"PDL": True, "launch_pdl": True} if enabled and supports_pdl(device) else {"PDL": False}
